@@ -1,0 +1,29 @@
+# Set-up is automatic: the first `make test` or `make demo` creates .venv and installs requirements.txt.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_OUT ?= output/demo
+
+.PHONY: test demo bench clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+demo: $(VENV)/.installed
+	$(PY) main.py --data-set synthetic --model sdt2net_tiny_patch16_224 --input-size 64 --epochs 2 \
+		--batch-size 32 --target_flops 0.2 --output_dir $(DEMO_OUT) --num_workers 0 --warmup-epochs 0
+	$(PY) main.py --data-set synthetic --model sdt2net_tiny_patch16_224 --input-size 64 --eval \
+		--load_compression_rate --compression-rate-file $(DEMO_OUT)/compression_rate.json --target_flops 0.2 \
+		--resume $(DEMO_OUT)/checkpoint.pth --output_dir $(DEMO_OUT)/eval --num_workers 0
+	@echo "demo outputs: $(DEMO_OUT) (log.txt, checkpoint.pth, compression_rate.json, eval/metrics.json)"
+
+bench: $(VENV)/.installed
+	$(PY) benchmark.py
+
+clean:
+	rm -rf output __pycache__ */__pycache__ .pytest_cache

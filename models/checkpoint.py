@@ -1,0 +1,49 @@
+"""Adapting checkpoints (timm/DeiT or SDT2Net) to an SDT2Net model: a pure state_dict function."""
+from typing import Dict
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+# Entries of DeiT checkpoints that SDT2Net does not have (distilled variants).
+_FOREIGN_PREFIXES = ('dist_token', 'head_dist.')
+
+
+def unwrap_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:
+    """The model weights of a checkpoint dict ('model'/'state_dict' wrappers, 'module.' prefixes)."""
+    for key in ('model', 'state_dict', 'model_ema'):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in checkpoint.items()}
+
+
+def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Return a state_dict that loads into `model` (with strict=False for missing SDT2Net parts).
+
+    Removes classifier weights whose class count differs, drops distillation tokens, resamples
+    the position embedding to the model's grid. Raises ValueError when the checkpoint belongs to
+    a different architecture (any other shape mismatch).
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    target = model.state_dict()
+    adapted, mismatched = {}, []
+    for key, value in state_dict.items():
+        if key.startswith(_FOREIGN_PREFIXES) or key not in target:
+            continue
+        if key == 'pos_embed' and value.shape != target[key].shape and value.shape[-1] == target[key].shape[-1]:
+            value = resample_abs_pos_embed(value, new_size=model.patch_embed.grid_size, num_prefix_tokens=1)
+        if value.shape != target[key].shape:
+            if key.startswith(('head.', 'ftf.fc.')):
+                continue  # another class count: the classifier is trained anew
+            if key.startswith('rates.') and key != 'rates.fixed':
+                continue  # another granularity or image size: the search starts anew
+            mismatched.append(f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[key].shape)}')
+            continue
+        adapted[key] = value
+    if mismatched:
+        raise ValueError('checkpoint does not fit this model: ' + '; '.join(mismatched[:3])
+                         + (f' (+{len(mismatched) - 3} more)' if len(mismatched) > 3 else ''))
+    if not any(k.startswith('blocks.') for k in adapted):
+        raise ValueError('checkpoint holds no transformer block weights of this model')
+    return adapted

@@ -1,0 +1,89 @@
+"""FLOPs of SDT2Net: an analytic count (differentiable in the kept numbers) and fvcore's count.
+
+Convention (fvcore's): one multiply-add of a matrix product or convolution is one FLOP; a
+LayerNorm costs 5 per element, an inference BatchNorm 2; elementwise activations, softmax,
+sorting, gathers, and linalg.solve in the Pade root (~n^3, 0.1 MFLOPs) are not counted.
+"""
+from dataclasses import dataclass
+from typing import Any, List
+
+import torch
+from torch import nn
+
+from .ftf import POWER_ITERATIONS
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_hidden: int
+    num_patches: int
+    patch_size: int
+    in_chans: int
+    num_classes: int
+    eab_ratio: float = 0.0  # 0 = EAB off
+    eab_groups: int = 1
+    ftf_dim: int = 0        # 0 = FTF off
+
+
+def analytic_flops(shape: ModelShape, prune: torch.Tensor, merge: torch.Tensor) -> torch.Tensor:
+    """FLOPs of one image.
+
+    prune, merge: [depth - 1] kept counts (class token included) of blocks 1..depth-1, as float
+    tensors; gradients flow through them. Block 0 is dense.
+    """
+    C, P = shape.embed_dim, shape.num_patches
+    prune, merge = prune.double(), merge.double()
+    dense = prune.new_tensor(float(P + 1))
+    total = prune.new_tensor(float(P * C * shape.in_chans * shape.patch_size ** 2))  # patch embedding
+    eab = 4 * P * C * int(C * shape.eab_ratio) / shape.eab_groups if shape.eab_ratio else 0.0
+    n_in = dense
+    for block in range(shape.depth):
+        if block == 0:
+            p = m = dense
+            importance = 0.0
+        else:
+            p, m = prune[block - 1], merge[block - 1]
+            compresses = (m.detach() < n_in.detach()).double()
+            importance = compresses * n_in * C           # class-token attention row
+        total = total + 5 * n_in * C                     # norm1
+        total = total + 4 * n_in * C * C                 # qkv + proj
+        total = total + eab                              # two shift-conv modules on the full grid
+        total = total + 2 * n_in * n_in * C              # q @ k^T and attn @ v
+        total = total + importance + (p - m) * m * C     # sorting row, merge similarity
+        total = total + 5 * m * C + 2 * m * C * shape.mlp_hidden  # norm2 + MLP
+        n_in = m
+    total = total + 5 * n_in * C + C * shape.num_classes  # final norm + class-token head
+    if shape.ftf_dim:
+        d = shape.ftf_dim
+        patches = n_in - 1
+        total = total + patches * (C * d + 2 * d + d * d)     # reduction, BN, covariance
+        total = total + 4 * d ** 3 + (POWER_ITERATIONS + 1) * d * d + d * (d + 1) // 2 * shape.num_classes  # Pade powers, classifier
+    return total
+
+
+def _sdpa_flops(inputs: List[Any], outputs: List[Any]) -> int:
+    """fvcore handle for aten::scaled_dot_product_attention: q @ k^T plus attn @ v."""
+    from fvcore.nn.jit_handles import get_shape
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    batch = 1
+    for dim in q[:-2]:
+        batch *= dim
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def fvcore_flops(model: nn.Module, img_size: int, device: torch.device = torch.device('cpu')) -> float:
+    """fvcore's count of the evaluation model for one image (needs fvcore installed)."""
+    from fvcore.nn import FlopCountAnalysis
+    was_training = model.training
+    model.eval()
+    image = torch.zeros(1, model.in_chans, img_size, img_size, device=device)
+    with torch.no_grad():
+        analysis = FlopCountAnalysis(model, image)
+        analysis.set_op_handle('aten::scaled_dot_product_attention', _sdpa_flops)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        total = float(analysis.total())
+    model.train(was_training)
+    return total

@@ -1,0 +1,33 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import models  # noqa: E402,F401  (registers the SDT2Net models with timm)
+
+REFERENCE_SCHEDULES = os.path.join(ROOT, '..', 'shared', 'reference', 'diffrate_compression_rate.json')
+
+
+def small_sdt2net(**kwargs) -> models.SDT2Net:
+    """A small SDT2Net (64 patches of an 64 px image) for fast CPU tests."""
+    config = dict(img_size=64, patch_size=8, embed_dim=40, depth=4, num_heads=2, num_classes=5,
+                  granularity=4, eab=True, ftf=True, ftf_dim=12)
+    config.update(kwargs)
+    return models.SDT2Net(**config)
+
+
+def sharpen_attention(model: torch.nn.Module, scale: float = 4.0) -> None:
+    """Scale q/k weights so that importance scores are well separated (no near-ties in sorting)."""
+    with torch.no_grad():
+        for block in model.blocks:
+            dim = block.attn.qkv.weight.shape[1]
+            block.attn.qkv.weight[:2 * dim] *= scale
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,225 @@
+"""Properties of the SDT2Net model (DESIGN.md section 9)."""
+import json
+import os
+
+import pytest
+import timm
+import torch
+
+import models
+from models.token_ops import merge_into
+from conftest import REFERENCE_SCHEDULES, sharpen_attention, small_sdt2net
+
+NAMES = ['sdt2net_tiny_patch16_224', 'sdt2net_small_patch16_224', 'sdt2net_base_patch16_224',
+         'vit_deit_tiny_patch16_224', 'vit_deit_small_patch16_224', 'vit_deit_base_patch16_224',
+         'vit_deit_SDT2Net_small_patch16_224']
+
+COMPRESSED = ([65, 60, 41, 30], [65, 52, 33, 20])  # prune, merge for small_sdt2net (64 patches)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_registered_and_builds(name):
+    assert timm.is_model(name)
+    model = timm.create_model(name, num_classes=7, img_size=64, eab=False, ftf=True, granularity=2)
+    assert isinstance(model, models.SDT2Net)
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+    prune, merge = model.get_kept_num()
+    assert len(prune) == len(merge) == 12 and prune[0] == merge[0] == 17
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_full_keep_equals_timm_deit(train):
+    deit = timm.create_model('deit_tiny_patch16_224', num_classes=10, img_size=96)
+    ours = timm.create_model('sdt2net_tiny_patch16_224', num_classes=10, img_size=96, eab=False, ftf=False)
+    missing, unexpected = ours.load_state_dict(deit.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith('rates.') for k in missing)
+    ours.set_kept_num([37] * 12, [37] * 12)
+    deit.train(train), ours.train(train)
+    x = torch.randn(3, 3, 96, 96)
+    torch.testing.assert_close(ours(x), deit(x), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('eab,ftf', [(False, False), (True, True)])
+def test_masked_training_forward_equals_evaluation_forward(eab, ftf):
+    model = small_sdt2net(eab=eab, ftf=ftf).double()
+    sharpen_attention(model)
+    model.set_kept_num(*COMPRESSED)
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(x)
+    model.train()
+    if model.ftf is not None:
+        model.ftf.bn.eval()  # batch statistics are a training-only difference, not a compression one
+    with torch.no_grad():
+        masked = model(x)
+    torch.testing.assert_close(masked, evaluated, atol=1e-9, rtol=1e-9)
+
+
+def test_learned_schedule_training_equals_evaluation():
+    model = small_sdt2net(ftf=False).double()
+    sharpen_attention(model)
+    with torch.no_grad():
+        model.rates.logits.normal_(0, 2)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    model.train()
+    with torch.no_grad():
+        masked = model(x)
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(x)
+    torch.testing.assert_close(masked, evaluated, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize('schedule', [([65, 65, 65, 65], [65, 50, 31, 12]), COMPRESSED])
+def test_sizes_and_patch_owners(schedule):
+    model = small_sdt2net().eval()
+    sharpen_attention(model)
+    model.set_kept_num(*schedule)
+    with torch.no_grad():
+        tokens, state, owners = model.forward_tokens(torch.randn(3, 3, 64, 64), return_owners=True)
+    size = state.size[..., 0]  # [B, N]
+    owner = owners[-1]         # [B, P], N = pruned
+    N = tokens.shape[1]
+    assert N == schedule[1][-1]
+    assert (owner <= N).all() and (owner >= 1).all(), 'no patch belongs to the class token'
+    owned = torch.zeros(3, N + 1).scatter_add(1, owner, torch.ones_like(owner, dtype=torch.float))
+    # every surviving patch token owns exactly the patches its size counts; cls stands for itself
+    torch.testing.assert_close(owned[:, 1:N], size[:, 1:])
+    assert (size[:, 0] == 1).all()
+    pruned = owned[:, N]
+    torch.testing.assert_close(size.sum(1) + pruned, torch.full((3,), 65.))
+    if schedule[0] == [65] * 4:
+        assert (pruned == 0).all() and (size.sum(1) == 65).all()
+
+
+def test_merge_is_size_weighted_mean():
+    x = torch.randn(2, 6, 4)
+    size = torch.tensor([1., 2., 1., 3., 1., 2.]).view(1, 6, 1).expand(2, -1, -1)
+    dst = torch.tensor([[1, 2], [2, 2]])  # tokens 3, 4 fold into these
+    merged, merged_size = merge_into(x, size, dst, kept=3, end=5)
+    expected = (x[0, 1] * 2 + x[0, 3] * 3) / 5
+    torch.testing.assert_close(merged[0, 1], expected)
+    expected = (x[1, 2] * 1 + x[1, 3] * 3 + x[1, 4] * 1) / 5
+    torch.testing.assert_close(merged[1, 2], expected)
+    assert merged_size[0, :, 0].tolist() == [1, 5, 2] and merged_size[1, :, 0].tolist() == [1, 2, 5]
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_batch_invariance_all_components(train):
+    model = small_sdt2net(drop_rate=0.0).double()
+    sharpen_attention(model)
+    model.set_kept_num(*COMPRESSED)
+    model.train(train)
+    if train:
+        model.ftf.bn.eval()
+    x = torch.randn(5, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        together = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(5)])
+        reordered = model(x.flip(0)).flip(0)
+    torch.testing.assert_close(together, alone, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(together, reordered, atol=1e-9, rtol=1e-9)
+
+
+def test_rate_parameters_get_gradients_from_both_losses():
+    model = small_sdt2net().train()
+    x = torch.randn(2, 3, 64, 64)
+    model(x).logsumexp(-1).sum().backward()
+    grad = model.rates.logits.grad
+    assert grad is not None and (grad.abs().sum(-1) > 0).all(), 'classification loss reaches every stage'
+    model.zero_grad()
+    model.flops().backward()
+    assert (model.rates.logits.grad.abs().sum(-1) > 0).all(), 'the FLOPs count reaches every stage'
+
+
+def test_parameter_groups_partition_the_model():
+    model = small_sdt2net()
+    arch = {id(p) for p in model.arch_parameters()}
+    weights = {id(p) for p in model.weight_parameters()}
+    assert arch and not arch & weights
+    assert arch | weights == {id(p) for p in model.parameters()}
+    assert len(list(model.parameters())) == len(arch) + len(weights)
+
+
+def test_rate_only_search_reaches_flops_target():
+    model = small_sdt2net(eab=False).train()  # EAB runs on the full grid: its cost does not shrink
+    for p in model.weight_parameters():
+        p.requires_grad_(False)
+    model.set_kept_num([65] * 4, [65] * 4)
+    dense = float(model.flops())
+    model.rates.release()
+    target = 0.5 * dense
+    optimizer = torch.optim.Adam(model.arch_parameters(), lr=0.05)
+    model.train()
+    x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 5, (8,))
+    for _ in range(120):
+        loss = torch.nn.functional.cross_entropy(model(x), y) + 5 * (model.flops() / 1e6 - target / 1e6) ** 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    achieved = float(model.eval().flops())
+    assert abs(achieved - target) / target < 0.03, (achieved, target)
+    prune, merge = model.get_kept_num()
+    flat = [c for pair in zip(prune, merge) for c in pair]
+    assert all(a >= b for a, b in zip(flat, flat[1:])), 'kept counts never increase with depth'
+
+
+@pytest.mark.parametrize('eab,ftf,eab_groups', [(False, False, 1), (True, True, 1), (True, True, 2)])
+@pytest.mark.parametrize('fused', [True, False])
+def test_analytic_flops_match_fvcore(eab, ftf, eab_groups, fused):
+    model = small_sdt2net(eab=eab, ftf=ftf, eab_groups=eab_groups).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    for schedule in ([[65] * 4] * 2, COMPRESSED):
+        model.set_kept_num(*schedule)
+        analytic, counted = float(model.flops()), models.fvcore_flops(model, 64)
+        assert abs(analytic - counted) / counted < 0.01, (schedule, analytic, counted)
+
+
+def test_dense_deit_small_is_4_6_gflops():
+    model = timm.create_model('sdt2net_small_patch16_224', eab=False, ftf=False).eval()
+    model.set_kept_num([197] * 12, [197] * 12)
+    assert round(float(model.flops()) / 1e9, 1) == 4.6
+
+
+@pytest.mark.skipif(not os.path.exists(REFERENCE_SCHEDULES), reason='shared reference schedules not present')
+def test_published_diffrate_schedules_give_reported_flops():
+    with open(REFERENCE_SCHEDULES) as f:
+        published = json.load(f)
+    for key, name, tolerance in [('ViT-T-DeiT', 'tiny', 0.1), ('ViT-S-DeiT', 'small', 0.02), ('ViT-B-DeiT', 'base', 0.02)]:
+        model = timm.create_model(f'sdt2net_{name}_patch16_224', eab=False, ftf=False).eval()
+        for target, entry in published[key].items():
+            model.set_kept_num(json.loads(entry['prune_kept_num']), json.loads(entry['merge_kept_num']))
+            gflops = float(model.flops()) / 1e9
+            assert abs(gflops - float(target)) / float(target) < tolerance, (key, target, gflops)
+
+
+def test_set_kept_num_round_trip_and_validation():
+    model = small_sdt2net()
+    model.set_kept_num(*COMPRESSED)
+    assert model.get_kept_num() == COMPRESSED
+    with pytest.raises(ValueError, match='block 0'):
+        model.set_kept_num([60, 60, 60, 60], [60, 60, 60, 60])
+    with pytest.raises(ValueError, match='entries'):
+        model.set_kept_num([65, 60], [65, 60])
+
+
+def test_checkpoint_adapter_loads_deit_weights_at_another_size_and_class_count():
+    deit = timm.create_model('deit_tiny_patch16_224', num_classes=1000)
+    model = timm.create_model('sdt2net_tiny_patch16_224', num_classes=45, img_size=112)
+    adapted = models.adapt_state_dict({'model': deit.state_dict()}, model)
+    assert 'head.weight' not in adapted and adapted['pos_embed'].shape == model.pos_embed.shape
+    missing, unexpected = model.load_state_dict(adapted, strict=False)
+    assert not unexpected
+    assert all(k.startswith(('rates.', 'ftf.', 'head.')) or '.eab.' in k for k in missing)
+    torch.testing.assert_close(model.blocks[3].mlp.fc1.weight, deit.blocks[3].mlp.fc1.weight)
+
+
+def test_checkpoint_adapter_rejects_another_architecture():
+    small = timm.create_model('deit_small_patch16_224')
+    model = timm.create_model('sdt2net_tiny_patch16_224')
+    with pytest.raises(ValueError, match='does not fit'):
+        models.adapt_state_dict(small.state_dict(), model)
