@@ -4,6 +4,7 @@ Convention (fvcore's): one multiply-add of a matrix product or convolution is on
 LayerNorm costs 5 per element, an inference BatchNorm 2; elementwise activations, softmax,
 sorting, gathers, and linalg.solve in the Pade root (~n^3, 0.1 MFLOPs) are not counted.
 """
+import warnings
 from dataclasses import dataclass
 from typing import Any, List
 
@@ -80,7 +81,8 @@ def fvcore_flops(model: nn.Module, img_size: int, device: torch.device = torch.d
     was_training = model.training
     model.eval()
     image = torch.zeros(1, model.in_chans, img_size, img_size, device=device)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)  # fvcore's tracer calls torch.jit.script
         analysis = FlopCountAnalysis(model, image)
         analysis.set_op_handle('aten::scaled_dot_product_attention', _sdpa_flops)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)

@@ -1,0 +1,158 @@
+"""Data: ImageFolder train/ + val/ splits with DeiT's timm transforms, and an in-memory synthetic set."""
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import Dataset, Sampler
+from torchvision import datasets as tv_datasets
+from torchvision import transforms
+
+from utils import UserError, get_rank, get_world_size, is_distributed
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+
+
+class UnreadableImageError(Exception):
+    """An image file that PIL cannot decode (raised inside data-loading workers)."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise UnreadableImageError(f'cannot read image {path}: {error}') from None
+
+
+def list_classes(split_dir: str) -> List[str]:
+    """Class folders of one split; every class must contain at least one image."""
+    if not os.path.isdir(split_dir):
+        raise UserError(f'missing split folder {split_dir} (expected DATA/train and DATA/val class folders)')
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    if not classes:
+        raise UserError(f'no class folders in {split_dir}')
+    empty = [c for c in classes
+             if not any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(os.path.join(split_dir, c)))]
+    if empty:
+        raise UserError(f'class folders without images in {split_dir}: {", ".join(empty[:5])}')
+    return classes
+
+
+def check_class_folders(data_path: str) -> List[str]:
+    """The class names; train/ and val/ must hold the same classes."""
+    if not os.path.isdir(data_path):
+        raise UserError(f'--data-path {data_path} is not a folder')
+    train, val = list_classes(os.path.join(data_path, 'train')), list_classes(os.path.join(data_path, 'val'))
+    if train != val:
+        only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        raise UserError(f'train/ and val/ hold different classes (only in train: {only_train[:5]}, '
+                        f'only in val: {only_val[:5]})')
+    return train
+
+
+def build_transform(is_train: bool, args) -> transforms.Compose:
+    """DeiT's transforms: timm RandAugment / random erasing for training, resize + centre crop else."""
+    if is_train:
+        return create_transform(
+            input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+            auto_augment=args.aa if args.aa not in ('', 'none') else None,
+            interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
+            re_count=args.recount)
+    resize = int(args.input_size / 0.875) if args.input_size >= 32 else args.input_size
+    return transforms.Compose([
+        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(args.input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
+class SyntheticScenes(Dataset):
+    """Images generated in memory with learnable class structure, for smoke runs and tests.
+
+    Each class has a smooth random colour layout (an 4x4 grid upsampled to the image); a sample
+    is its class layout, randomly flipped, with per-sample brightness and Gaussian noise.
+    Deterministic: sample i of a split is the same in every process and every run.
+    """
+
+    def __init__(self, num_classes: int, num_samples: int, image_size: int, split_seed: int) -> None:
+        self.num_classes, self.num_samples, self.image_size = num_classes, num_samples, image_size
+        self.split_seed = split_seed
+        generator = torch.Generator().manual_seed(1234)  # class layouts are shared by all splits
+        layouts = torch.randn(num_classes, 3, 4, 4, generator=generator)
+        self.layouts = F.interpolate(layouts, size=(image_size, image_size), mode='bilinear', align_corners=False)
+        self.classes = [f'class_{i:02d}' for i in range(num_classes)]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        generator = torch.Generator().manual_seed(self.split_seed * 1_000_003 + index)
+        label = index % self.num_classes
+        image = self.layouts[label] * (0.6 + 0.8 * torch.rand(1, generator=generator))
+        if torch.rand(1, generator=generator) < 0.5:
+            image = image.flip(-1)
+        return image + 0.8 * torch.randn(image.shape, generator=generator), label
+
+
+def build_dataset(is_train: bool, args) -> Tuple[Dataset, List[str]]:
+    """(dataset, class names) of the training or validation split."""
+    if args.data_set == 'synthetic':
+        size = args.synthetic_train_size if is_train else args.synthetic_val_size
+        dataset = SyntheticScenes(args.synthetic_classes, size, args.input_size, split_seed=1 if is_train else 2)
+        return dataset, dataset.classes
+    classes = check_class_folders(args.data_path)
+    root = os.path.join(args.data_path, 'train' if is_train else 'val')
+    dataset = tv_datasets.ImageFolder(root, transform=build_transform(is_train, args), loader=load_rgb,
+                                      is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
+    return dataset, classes
+
+
+class ShardSampler(Sampler):
+    """Evaluation sampler: process r takes indices r, r + W, ...; every image is counted once."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.indices = list(range(get_rank(), len(dataset), get_world_size()))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class EpochShuffleSampler(Sampler):
+    """Single-process training sampler whose order depends only on (seed, epoch): exact resume."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.size, self.seed, self.epoch = len(dataset), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def build_samplers(train_set: Optional[Dataset], val_set: Dataset, args) -> Tuple[Optional[Sampler], Sampler]:
+    """Training sampler (RASampler when distributed with --repeated-aug) and evaluation sampler."""
+    train_sampler = None
+    if train_set is not None:
+        if is_distributed() and args.repeated_aug:
+            train_sampler = RepeatAugSampler(train_set, num_replicas=get_world_size(), rank=get_rank(),
+                                             shuffle=True, selected_round=0)
+        elif is_distributed():
+            train_sampler = torch.utils.data.DistributedSampler(train_set, seed=args.seed, drop_last=True)
+        else:
+            train_sampler = EpochShuffleSampler(train_set, args.seed)
+    val_sampler = ShardSampler(val_set) if is_distributed() and args.dist_eval else \
+        torch.utils.data.SequentialSampler(val_set)
+    return train_sampler, val_sampler

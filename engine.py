@@ -1,0 +1,169 @@
+"""One training/search epoch and the evaluation loop. Inputs are explicit objects; both return
+a metrics dict. main.py wires them, logs and checkpoints."""
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+from losses import flops_penalty
+from utils import MetricLogger, NonFiniteLossError, all_reduce_sum, unwrap
+
+
+@dataclass
+class Precision:
+    """Autocast settings: bf16/fp16 on GPU (fp16 with a gradient scaler), fp32 elsewhere."""
+    device_type: str
+    dtype: Optional[torch.dtype]  # None = no autocast
+    scaler: Optional[torch.amp.GradScaler] = None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+@dataclass
+class SearchObjective:
+    """Which parameters a step updates and the FLOPs budget they answer to."""
+    mode: str                 # 'alternate' | 'arch' | 'weights'
+    target_gflops: float
+    flops_weight: float       # lambda; 0 during the optional compression-rate warm-up
+
+    def stepped_group(self, step: int) -> str:
+        """'weights' or 'arch': alternate mode switches every step."""
+        if self.mode == 'alternate':
+            return 'weights' if step % 2 == 0 else 'arch'
+        return self.mode
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, num_steps: int,
+                    optimizers: Dict[str, torch.optim.Optimizer], objective: SearchObjective,
+                    device: torch.device, precision: Precision, epoch: int,
+                    mixup_fn: Optional[Callable] = None, clip_grad: Optional[float] = None,
+                    model_ema=None, print_freq: int = 20) -> Dict[str, float]:
+    """Weight and/or rate updates over one pass of `loader`; returns epoch averages.
+
+    loss = classification loss + lambda * (flops / 1e9 - target)^2. The loss is checked for
+    NaN/inf on the host only every `print_freq` steps and at the end (no per-step sync); a
+    non-finite loss raises NonFiniteLossError before anything is saved.
+    """
+    model.train()
+    core = unwrap(model)
+    logger = MetricLogger(f'Epoch [{epoch}]', print_freq)
+    loss_sum = torch.zeros((), device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    for step, (images, targets) in enumerate(logger.log_every(loader, num_steps)):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        with precision.autocast():
+            cls_loss = criterion(model(images), targets)
+        flops = core.flops()
+        loss = cls_loss.float()
+        if objective.mode != 'weights':
+            loss = loss + flops_penalty(flops, objective.target_gflops, objective.flops_weight)
+        finite &= torch.isfinite(loss)
+
+        group = objective.stepped_group(step)
+        for optimizer in optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        optimizer = optimizers[group]
+        if precision.scaler is not None:
+            precision.scaler.scale(loss).backward()
+            if clip_grad:
+                precision.scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(_params(optimizer), clip_grad)
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+        else:
+            loss.backward()
+            if clip_grad:
+                nn.utils.clip_grad_norm_(_params(optimizer), clip_grad)
+            optimizer.step()
+        if model_ema is not None and group == 'weights':
+            model_ema.update(core)
+
+        loss_sum += loss.detach()
+        if step % print_freq == 0 or step == num_steps - 1:
+            if not bool(finite):
+                raise NonFiniteLossError(f'loss is {loss.item()} at epoch {epoch}, step {step}')
+            logger.update(loss=(loss_sum / (step + 1)).item(), cls_loss=cls_loss.item(),
+                          gflops=flops.item() / 1e9,
+                          lr=optimizers['weights'].param_groups[0]['lr'] if 'weights' in optimizers else 0.0)
+    return {'loss': float(loss_sum) / max(num_steps, 1), 'gflops': float(core.flops().detach()) / 1e9,
+            **{k: v for k, v in logger.averages().items() if k not in ('loss', 'gflops')}}
+
+
+def _params(optimizer: torch.optim.Optimizer) -> List[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group['params']]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, num_steps: int, num_classes: int, device: torch.device,
+             precision: Precision, reduce: bool, print_freq: int = 20) -> Dict:
+    """Top-1/top-5, overall accuracy, Cohen's kappa, per-class accuracy, confusion matrix, loss.
+
+    reduce: sum the counts over processes (each process saw a disjoint shard of the data).
+    """
+    model.eval()
+    logger = MetricLogger('Test', print_freq)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)  # [true, predicted]
+    top5 = torch.zeros((), dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for images, targets in logger.log_every(loader, num_steps):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with precision.autocast():
+            logits = model(images)
+        loss_sum += nn.functional.cross_entropy(logits.float(), targets, reduction='sum').double()
+        ranked = logits.topk(min(5, num_classes), dim=1).indices
+        top5 += (ranked == targets[:, None]).any(dim=1).sum()
+        confusion += torch.bincount(targets * num_classes + ranked[:, 0], minlength=num_classes ** 2) \
+            .view(num_classes, num_classes)
+    if reduce:
+        for tensor in (confusion, top5, loss_sum):
+            all_reduce_sum(tensor)
+    return confusion_metrics(confusion.cpu(), int(top5), float(loss_sum))
+
+
+def confusion_metrics(confusion: torch.Tensor, top5_correct: int, loss_sum: float) -> Dict:
+    """Metrics of a confusion matrix [true, predicted] (counts)."""
+    confusion = confusion.double()
+    total = confusion.sum().item()
+    correct = confusion.trace().item()
+    observed = correct / total
+    chance = float((confusion.sum(0) * confusion.sum(1)).sum()) / total ** 2
+    per_class = (confusion.diagonal() / confusion.sum(1).clamp(min=1)).tolist()
+    return {
+        'acc1': 100 * observed, 'acc5': 100 * top5_correct / total, 'overall_accuracy': 100 * observed,
+        'kappa': (observed - chance) / (1 - chance) if chance < 1 else 0.0,
+        'loss': loss_sum / total, 'num_images': int(total),
+        'per_class_accuracy': [100 * a for a in per_class], 'confusion_matrix': confusion.long().tolist(),
+    }
+
+
+@torch.no_grad()
+def measure_throughput(model: nn.Module, batch_size: int, image_size: int, device: torch.device,
+                       precision: Precision, repeats: int = 5, warmup: int = 2) -> float:
+    """Images per second of the evaluation forward (median of `repeats` timed batches)."""
+    model.eval()
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    times = []
+    for i in range(warmup + repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        with precision.autocast():
+            model(images)
+        _synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return batch_size / times[len(times) // 2]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)

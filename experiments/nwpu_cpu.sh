@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The NWPU-RESISC45 CPU table of the README: DeiT-Tiny at 112 px trained from scratch (no
+# pretrained weights can be downloaded on the machine it ran on), every row with the same
+# epochs, seed and recipe; two rows run side by side with one thread each.
+# Usage: experiments/nwpu_cpu.sh [DATA] [OUT] [EPOCHS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:-../shared/datasets/nwpu-resisc45}
+OUT=${2:-output/nwpu}
+EPOCHS=${3:-6}
+PY=${PY:-.venv/bin/python}
+export OMP_NUM_THREADS=1
+COMMON=(--data-path "$DATA" --model sdt2net_tiny_patch16_224 --input-size 112 --epochs "$EPOCHS"
+        --batch-size 64 --lr 2e-3 --warmup-epochs 0 --drop-path 0.0 --aa none --mixup 0 --cutmix 0
+        --reprob 0 --arch-lr 0.01 --arch-min-lr 0.01 --seed 0 --num_workers 0 --print-freq 10)
+
+row() {  # name, extra flags...
+  local name=$1; shift
+  "$PY" main.py "${COMMON[@]}" --output_dir "$OUT/$name" "$@" > "$OUT/$name.train.log" 2>&1
+  "$PY" main.py "${COMMON[@]}" --eval --resume "$OUT/$name/checkpoint.pth" --output_dir "$OUT/$name/eval" \
+    --throughput-batch 32 "$@" > "$OUT/$name.eval.log" 2>&1
+}
+
+mkdir -p "$OUT"
+row deit_dense --no-eab --no-ftf --fixed-schedule dense --target_flops 0.286 &
+row sdt2net_0.35 --target_flops 0.35 &
+wait
+row sdt2net_0.30 --target_flops 0.30 &
+row uniform_0.35 --fixed-schedule uniform --target_flops 0.35 &
+wait
+row no_eab_0.177 --no-eab --target_flops 0.177 &
+row no_ftf_0.349 --no-ftf --target_flops 0.349 &
+wait
+echo "done: $OUT"

@@ -1,0 +1,420 @@
+"""SDT2Net: search a compression schedule, fine-tune, or evaluate (DeiT-style entry point).
+
+    python main.py --data-path DATA --output_dir OUT --model vit_deit_small_patch16_224 --target_flops 4.5
+    python main.py --eval --load_compression_rate --data-path DATA --model ... --target_flops 4.5 --resume CKPT
+    torchrun --nproc_per_node=N main.py ...
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Dict, Optional
+
+import timm
+import torch
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
+
+import models
+from compression_schedule import DEFAULT_FILE, load_schedule, save_schedule, uniform_schedule
+from datasets import UnreadableImageError, build_dataset, build_samplers
+from engine import Precision, SearchObjective, evaluate, measure_throughput, train_one_epoch
+from losses import build_criterion
+from utils import (NonFiniteLossError, UserError, append_json_line, atomic_torch_save, atomic_write_text,
+                   get_world_size, init_distributed, is_distributed, is_main_process, load_checkpoint,
+                   rng_state, seed_everything, set_rng_state, unwrap)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('SDT2Net search, training and evaluation', add_help=True)
+    # run
+    p.add_argument('--batch-size', default=64, type=int, help='images per process and step')
+    p.add_argument('--epochs', default=100, type=int, help='training epochs')
+    p.add_argument('--print-freq', default=20, type=int, help='log every N steps')
+    # model
+    p.add_argument('--model', default='vit_deit_small_patch16_224', type=str, help='registered SDT2Net name')
+    p.add_argument('--input-size', default=224, type=int, help='image size')
+    p.add_argument('--drop', type=float, default=0.0, help='dropout before the classifier')
+    p.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
+    p.add_argument('--no-eab', action='store_true', help='switch off the efficient attention block')
+    p.add_argument('--no-ftf', action='store_true', help='switch off the second-order fast token fusion head')
+    p.add_argument('--eab-ratio', type=float, default=2.0, help='channel expansion of the shift-conv module')
+    p.add_argument('--eab-groups', type=int, default=1, help='groups of the EAB 1x1 convs (e.g. heads: cheaper)')
+    p.add_argument('--granularity', type=int, default=4, help='step between candidate kept counts')
+    p.add_argument('--pretrained', action='store_true', help='start from timm hub DeiT weights (online)')
+    p.add_argument('--finetune', default='', help='start from a local DeiT or SDT2Net checkpoint')
+    p.add_argument('--model-ema', action='store_true', help='keep an exponential moving average of the weights')
+    p.add_argument('--model-ema-decay', type=float, default=0.99996, help='EMA decay')
+    # optimizer and schedules (network weights)
+    p.add_argument('--opt', default='adamw', type=str, help='timm optimizer name')
+    p.add_argument('--opt-eps', default=1e-8, type=float, help='optimizer epsilon')
+    p.add_argument('--opt-betas', default=None, type=float, nargs='+', help='optimizer betas')
+    p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    p.add_argument('--weight-decay', type=float, default=0.05, help='weight decay')
+    p.add_argument('--clip-grad', type=float, default=None, help='gradient norm clipping (off by default)')
+    p.add_argument('--sched', default='cosine', type=str, help='timm learning-rate schedule')
+    p.add_argument('--lr', type=float, default=5e-4, help='learning rate (for a total batch of 512, scaled)')
+    p.add_argument('--lr-noise', type=float, nargs='+', default=None, help='learning-rate noise epochs')
+    p.add_argument('--warmup-lr', type=float, default=1e-6, help='warm-up learning rate')
+    p.add_argument('--min-lr', type=float, default=1e-5, help='final learning rate')
+    p.add_argument('--decay-epochs', type=float, default=30, help='step schedule period')
+    p.add_argument('--warmup-epochs', type=int, default=5, help='learning-rate warm-up epochs')
+    p.add_argument('--cooldown-epochs', type=int, default=0, help='epochs at min-lr after the schedule')
+    p.add_argument('--decay-rate', type=float, default=0.1, help='step schedule factor')
+    # compression search
+    p.add_argument('--target_flops', type=float, default=3.0, help='FLOPs budget in GFLOPs')
+    p.add_argument('--flops-weight', type=float, default=5.0, help='lambda of the FLOPs penalty')
+    p.add_argument('--arch-lr', type=float, default=0.01, help='learning rate of the compression rates')
+    p.add_argument('--arch-min-lr', type=float, default=0.01, help='final learning rate of the rates')
+    p.add_argument('--search-mode', default='alternate', choices=['alternate', 'arch', 'weights'],
+                   help='alternate weight and rate steps; rates only (frozen weights); weights only (fixed schedule)')
+    p.add_argument('--warmup_compression_rate', action='store_true', help='no FLOPs penalty in the first epoch')
+    p.add_argument('--load_compression_rate', action='store_true',
+                   help='fix the schedule of --model at --target_flops from --compression-rate-file')
+    p.add_argument('--fixed-schedule', default='', choices=['', 'dense', 'uniform'],
+                   help='train weights under a fixed schedule: dense (keep all tokens) or uniform '
+                        '(ToMe-style, the same merges per block, at --target_flops)')
+    p.add_argument('--compression-rate-file', default=DEFAULT_FILE, help='compression_rate.json to read')
+    # augmentation (DeiT defaults)
+    p.add_argument('--color-jitter', type=float, default=0.3, help='colour jitter factor')
+    p.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', help='timm AutoAugment policy, "none" off')
+    p.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    p.add_argument('--train-interpolation', type=str, default='bicubic', help='resize interpolation')
+    p.add_argument('--repeated-aug', action='store_true', default=True, help='RASampler in distributed runs')
+    p.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug', help='no repeated augmentation')
+    p.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
+    p.add_argument('--remode', type=str, default='pixel', help='random erasing mode')
+    p.add_argument('--recount', type=int, default=1, help='random erasing count')
+    p.add_argument('--mixup', type=float, default=0.8, help='mixup alpha (0 = off)')
+    p.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha (0 = off)')
+    p.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, help='cutmix ratio range')
+    p.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixup or cutmix')
+    p.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix over mixup')
+    p.add_argument('--mixup-mode', type=str, default='batch', choices=['batch', 'pair', 'elem'], help='mixup mode')
+    # data
+    p.add_argument('--data-path', default='', type=str, help='ImageFolder root with train/ and val/')
+    p.add_argument('--data-set', default='folder', choices=['folder', 'synthetic', 'IMNET'],
+                   help='folder (IMNET is an alias) or in-memory synthetic data')
+    p.add_argument('--synthetic-classes', type=int, default=10, help='classes of the synthetic set')
+    p.add_argument('--synthetic-train-size', type=int, default=640, help='synthetic training images')
+    p.add_argument('--synthetic-val-size', type=int, default=200, help='synthetic validation images')
+    p.add_argument('--output_dir', default='', help='where logs, checkpoints and schedules go')
+    p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
+    p.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'], help='GPU autocast type')
+    p.add_argument('--no-amp', action='store_true', help='fp32 on GPU too')
+    p.add_argument('--seed', default=0, type=int, help='random seed (plus the process rank)')
+    p.add_argument('--resume', default='', help='checkpoint to resume (or evaluate)')
+    p.add_argument('--autoresume', action='store_true', help='resume from OUTPUT/checkpoint.pth if present')
+    p.add_argument('--start_epoch', default=0, type=int, help='first epoch')
+    p.add_argument('--eval', action='store_true', help='evaluate only')
+    p.add_argument('--dist-eval', action='store_true', default=True,
+                   help='shard evaluation over processes, each image counted once (default)')
+    p.add_argument('--num_workers', default=4, type=int, help='data-loading workers per process')
+    p.add_argument('--pin-mem', action='store_true', default=True, help='pin host memory')
+    p.add_argument('--no-pin-mem', action='store_false', dest='pin_mem', help='do not pin host memory')
+    p.add_argument('--throughput-batch', type=int, default=32, help='batch for the throughput measurement')
+    return p
+
+
+def validate_args(args, parser: argparse.ArgumentParser) -> None:
+    if args.data_set == 'IMNET':
+        args.data_set = 'folder'
+    if args.data_set == 'folder' and not args.data_path:
+        parser.error('--data-path is required unless --data-set synthetic')
+    if not timm.is_model(args.model) or not args.model.startswith(('sdt2net_', 'vit_deit_')):
+        names = [n for n in timm.list_models() if n.startswith(('sdt2net_', 'vit_deit_'))]
+        raise UserError(f'unknown model {args.model!r}; available: {", ".join(names)}')
+    if args.eval and not (args.resume or args.finetune or args.pretrained):
+        print('warning: evaluating randomly initialised weights (no --resume/--finetune/--pretrained)')
+
+
+def build_model(args, num_classes: int) -> models.SDT2Net:
+    model = timm.create_model(
+        args.model, pretrained=args.pretrained, num_classes=num_classes, img_size=args.input_size,
+        drop_rate=args.drop, drop_path_rate=args.drop_path, eab=not args.no_eab, ftf=not args.no_ftf,
+        eab_ratio=args.eab_ratio, eab_groups=args.eab_groups, granularity=args.granularity)
+    if args.finetune:
+        checkpoint = load_checkpoint(args.finetune)
+        try:
+            weights = models.adapt_state_dict(checkpoint, model)
+        except ValueError as error:
+            raise UserError(f'--finetune {args.finetune}: {error}') from None
+        missing, _ = model.load_state_dict(weights, strict=False)
+        print(f'loaded {len(weights)} tensors from {args.finetune}; new: {len(missing)} '
+              f'(e.g. {", ".join(missing[:4])})')
+    return model
+
+
+def flops_range(model: models.SDT2Net) -> Dict[str, float]:
+    """Dense and smallest reachable GFLOPs of the model (schedule restored afterwards)."""
+    fixed = model.rates.fixed.clone()
+    depth, full = len(model.blocks), model.patch_embed.num_patches + 1
+    smallest = int(model.rates.candidates.min()) + 1
+    model.set_kept_num([full] * depth, [full] * depth)
+    dense = float(analytic_eval_flops(model))
+    model.set_kept_num([full] + [smallest] * (depth - 1), [full] + [smallest] * (depth - 1))
+    minimum = float(analytic_eval_flops(model))
+    model.rates.fixed.copy_(fixed)
+    return {'dense': dense / 1e9, 'minimum': minimum / 1e9}
+
+
+def analytic_eval_flops(model: models.SDT2Net) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    flops = model.flops()
+    model.train(was_training)
+    return flops
+
+
+def make_precision(device: torch.device, args) -> Precision:
+    if device.type != 'cuda' or args.no_amp:
+        return Precision(device.type, None)
+    dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    return Precision(device.type, dtype, torch.amp.GradScaler('cuda') if dtype == torch.float16 else None)
+
+
+def weight_param_groups(model: models.SDT2Net, weight_decay: float):
+    """No weight decay for norms, biases, position embedding and class token (as DeiT)."""
+    arch = {id(p) for p in model.arch_parameters()}
+    skip = model.no_weight_decay()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if id(param) in arch or not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+    return [{'params': no_decay, 'weight_decay': 0.0}, {'params': decay, 'weight_decay': weight_decay}]
+
+
+def main(args) -> None:
+    device = init_distributed(args.device)
+    seed_everything(args.seed)
+    if args.output_dir and is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+        atomic_write_text(json.dumps(vars(args), indent=2) + '\n', os.path.join(args.output_dir, 'args.json'))
+
+    val_set, class_names = build_dataset(False, args)
+    train_set = None if args.eval else build_dataset(True, args)[0]
+    num_classes = len(class_names)
+    train_sampler, val_sampler = build_samplers(train_set, val_set, args)
+    loader_kwargs = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda',
+                         persistent_workers=False)
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler, **loader_kwargs)
+
+    model = build_model(args, num_classes).to(device)
+    ranges = flops_range(model)
+    fixed = args.load_compression_rate or args.fixed_schedule
+    searching = not args.eval and not fixed and args.search_mode != 'weights'
+    if searching and not ranges['minimum'] <= args.target_flops <= ranges['dense']:
+        raise UserError(f'--target_flops {args.target_flops} is outside what {args.model} can reach at '
+                        f'{args.input_size} px: [{ranges["minimum"]:.3f}, {ranges["dense"]:.3f}] GFLOPs')
+    if args.load_compression_rate:
+        prune, merge = load_schedule(args.compression_rate_file, args.model, args.target_flops)
+        apply_schedule(model, prune, merge, args.compression_rate_file)
+    elif args.fixed_schedule == 'dense':
+        full = model.patch_embed.num_patches + 1
+        model.set_kept_num([full] * len(model.blocks), [full] * len(model.blocks))
+    elif args.fixed_schedule == 'uniform':
+        uniform_schedule(model, args.target_flops)
+    n_parameters = sum(p.numel() for p in model.weight_parameters())
+    print(f'model {args.model}: {n_parameters / 1e6:.2f} M parameters, {num_classes} classes, '
+          f'GFLOPs dense {ranges["dense"]:.3f}, target {args.target_flops}')
+
+    search_mode = 'weights' if fixed and not args.eval else args.search_mode
+    if search_mode == 'weights' and not model.rates.is_fixed:
+        model.set_kept_num(*model.get_kept_num())  # fine-tuning keeps the current schedule
+    for param in model.arch_parameters():
+        param.requires_grad_(search_mode != 'weights')
+    for param in model.weight_parameters():
+        param.requires_grad_(search_mode != 'arch')
+
+    optimizers, schedulers = {}, {}
+    if search_mode != 'arch':
+        lr = args.lr * args.batch_size * get_world_size() / 512.0
+        optimizers['weights'] = create_optimizer_v2(
+            weight_param_groups(model, args.weight_decay), opt=args.opt, lr=lr, weight_decay=args.weight_decay,
+            momentum=args.momentum, eps=args.opt_eps, **({'betas': args.opt_betas} if args.opt_betas else {}))
+        schedulers['weights'], _ = create_scheduler_v2(
+            optimizers['weights'], sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+            cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,
+            warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise)
+    if search_mode != 'weights':
+        optimizers['arch'] = torch.optim.AdamW(model.arch_parameters(), lr=args.arch_lr, weight_decay=0.0)
+        schedulers['arch'], _ = create_scheduler_v2(optimizers['arch'], sched='cosine', num_epochs=args.epochs,
+                                                    min_lr=args.arch_min_lr, warmup_epochs=0)
+    precision = make_precision(device, args)
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema and not args.eval else None
+
+    checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else ''
+    if args.autoresume and checkpoint_path and os.path.isfile(checkpoint_path):
+        args.resume = checkpoint_path
+    best_acc = 0.0
+    if args.resume:
+        state = load_checkpoint(args.resume)
+        check_checkpoint_fits(state, args, class_names)
+        model.load_state_dict(state['model'])
+        if args.load_compression_rate:  # the file's schedule wins over the checkpoint's
+            apply_schedule(model, prune, merge, args.compression_rate_file)
+        if not args.eval and 'optimizers' in state:
+            for name, optimizer in optimizers.items():
+                optimizer.load_state_dict(state['optimizers'][name])
+                schedulers[name].load_state_dict(state['schedulers'][name])
+            if precision.scaler is not None and state.get('scaler'):
+                precision.scaler.load_state_dict(state['scaler'])
+            if model_ema is not None and state.get('model_ema'):
+                model_ema.module.load_state_dict(state['model_ema'])
+            args.start_epoch = state['epoch'] + 1
+            best_acc = state.get('best_acc', 0.0)
+            set_rng_state(state['rng'])
+        print(f'resumed from {args.resume} (epoch {state["epoch"]})')
+
+    eval_precision = precision
+    if args.eval:
+        metrics = evaluate(model, val_loader, len(val_loader), num_classes, device, eval_precision,
+                           reduce=is_distributed() and args.dist_eval, print_freq=args.print_freq)
+        report = describe_model(model, args, device, precision, ranges)
+        report.update(metrics, class_names=class_names)
+        print(f'top-1 {metrics["acc1"]:.2f}%  top-5 {metrics["acc5"]:.2f}%  kappa {metrics["kappa"]:.4f}  '
+              f'GFLOPs {report["gflops"]:.3f} (fvcore {report["gflops_fvcore"]})  '
+              f'{report["throughput"]:.1f} img/s  on {metrics["num_images"]} images')
+        print(f'kept tokens: prune {report["prune_kept_num"]}  merge {report["merge_kept_num"]}')
+        if args.output_dir and is_main_process():
+            atomic_write_text(json.dumps(report, indent=1) + '\n', os.path.join(args.output_dir, 'eval_metrics.json'))
+        return
+
+    if is_distributed():
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None)
+    core = unwrap(model)
+    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                     prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                     label_smoothing=args.smoothing, num_classes=num_classes) if mixup_active else None
+    criterion = build_criterion(mixup_active, args.smoothing)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler, drop_last=True,
+                              **loader_kwargs)
+    if len(train_loader) == 0:
+        raise UserError(f'the training split has {len(train_set)} images, fewer than one batch of {args.batch_size}')
+
+    print(f'{search_mode} training for {args.epochs} epochs from epoch {args.start_epoch}')
+    start = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        train_sampler.set_epoch(epoch)
+        for scheduler in schedulers.values():
+            scheduler.step(epoch)
+        warm = args.warmup_compression_rate and epoch == 0
+        objective = SearchObjective(search_mode, args.target_flops, 0.0 if warm else args.flops_weight)
+        train_stats = train_one_epoch(model, criterion, train_loader, len(train_loader), optimizers, objective,
+                                      device, precision, epoch, mixup_fn, args.clip_grad, model_ema,
+                                      args.print_freq)
+        test_stats = evaluate(core, val_loader, len(val_loader), num_classes, device, eval_precision,
+                              reduce=is_distributed() and args.dist_eval, print_freq=args.print_freq)
+        prune, merge = core.get_kept_num()
+        is_best = test_stats['acc1'] > best_acc
+        best_acc = max(best_acc, test_stats['acc1'])
+        print(f'epoch {epoch}: top-1 {test_stats["acc1"]:.2f}% (best {best_acc:.2f}%), kappa '
+              f'{test_stats["kappa"]:.4f}, GFLOPs {train_stats["gflops"]:.3f}, merge kept {merge}')
+        if args.output_dir and is_main_process():
+            save_epoch(args, core, optimizers, schedulers, precision, model_ema, epoch, best_acc, is_best,
+                       class_names)
+            record = {**{f'train_{k}': v for k, v in train_stats.items()},
+                      **{f'test_{k}': v for k, v in test_stats.items()
+                         if k not in ('confusion_matrix', 'per_class_accuracy')},
+                      'epoch': epoch, 'n_parameters': n_parameters, 'prune_kept_num': prune,
+                      'merge_kept_num': merge}
+            append_json_line(record, os.path.join(args.output_dir, 'log.txt'))
+    print(f'training time {time.time() - start:.0f}s; outputs in {args.output_dir or "(no --output_dir)"}')
+
+
+def apply_schedule(model: models.SDT2Net, prune, merge, source: str) -> None:
+    try:
+        model.set_kept_num(prune, merge)
+    except ValueError as error:
+        raise UserError(f'schedule from {source} does not fit the model: {error}') from None
+
+
+def check_checkpoint_fits(state: Dict, args, class_names) -> None:
+    if 'model' not in state or not isinstance(state['model'], dict):
+        raise UserError(f'{args.resume} is not a checkpoint written by this code (no "model" entry)')
+    saved = state.get('model_name')
+    if saved is not None and saved.replace('vit_deit_', '').replace('sdt2net_', '').replace('SDT2Net_', '') \
+            != args.model.replace('vit_deit_', '').replace('sdt2net_', '').replace('SDT2Net_', ''):
+        raise UserError(f'{args.resume} holds a {saved} model, not {args.model}')
+    if state.get('class_names') is not None and list(state['class_names']) != list(class_names):
+        raise UserError(f'{args.resume} was trained on {len(state["class_names"])} other classes than the '
+                        f'{len(class_names)} in the data')
+    keys = list(models.unwrap_state_dict(state['model']))
+    for flag, marker, name in (('--no-eab', '.eab.', 'EAB'), ('--no-ftf', 'ftf.', 'FTF')):
+        trained_with = any(marker in k for k in keys)
+        if trained_with == getattr(args, flag[2:].replace('-', '_')):
+            hint = f'remove {flag}' if trained_with else f'add {flag}'
+            raise UserError(f'{args.resume} was trained {"with" if trained_with else "without"} {name}: {hint}')
+
+
+def save_epoch(args, model, optimizers, schedulers, precision, model_ema, epoch, best_acc, is_best,
+               class_names) -> None:
+    """checkpoint.pth (atomic), model_best.pth, and the schedule in compression_rate.json format."""
+    prune, merge = model.get_kept_num()
+    state = {
+        'model': model.state_dict(), 'model_name': args.model, 'class_names': list(class_names),
+        'optimizers': {k: o.state_dict() for k, o in optimizers.items()},
+        'schedulers': {k: s.state_dict() for k, s in schedulers.items()},
+        'scaler': precision.scaler.state_dict() if precision.scaler is not None else None,
+        'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
+        'epoch': epoch, 'best_acc': best_acc, 'rng': rng_state(),
+        'prune_kept_num': prune, 'merge_kept_num': merge,
+    }
+    path = os.path.join(args.output_dir, 'checkpoint.pth')
+    atomic_torch_save(state, path)
+    if is_best:
+        tmp = os.path.join(args.output_dir, f'model_best.pth.tmp{os.getpid()}')
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, os.path.join(args.output_dir, 'model_best.pth'))
+    save_schedule(os.path.join(args.output_dir, 'compression_rate.json'), args.model, args.target_flops,
+                  prune, merge, gflops=round(float(analytic_eval_flops(model)) / 1e9, 4), epoch=epoch,
+                  data=args.data_path or args.data_set, input_size=args.input_size)
+
+
+def describe_model(model: models.SDT2Net, args, device, precision, ranges) -> Dict:
+    prune, merge = model.get_kept_num()
+    gflops_fvcore = None
+    try:
+        gflops_fvcore = round(models.fvcore_flops(model, args.input_size, device) / 1e9, 4)
+    except ImportError:
+        pass  # fvcore is optional at evaluation time; the analytic count is always reported
+    return {
+        'model': args.model, 'target_flops': args.target_flops, 'input_size': args.input_size,
+        'gflops': float(analytic_eval_flops(model)) / 1e9, 'gflops_fvcore': gflops_fvcore,
+        'gflops_dense': ranges['dense'], 'parameters': sum(p.numel() for p in model.weight_parameters()),
+        'throughput': measure_throughput(model, args.throughput_batch, args.input_size, device, precision),
+        'device': str(device), 'prune_kept_num': prune, 'merge_kept_num': merge,
+    }
+
+
+def run(argv=None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate_args(args, parser)
+        main(args)
+    except UserError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    except UnreadableImageError as error:
+        print(f'error: {str(error).strip().splitlines()[-1]}', file=sys.stderr)
+        return 2
+    except NonFiniteLossError as error:
+        print(f'error: {error}; stopped, the last checkpoint is kept', file=sys.stderr)
+        return 1
+    finally:
+        if is_distributed():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(run())

@@ -1,0 +1,218 @@
+"""End to end: search, export, re-load and evaluate; exact resume; torchrun with gloo; bad input."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import main as entry
+from compression_schedule import load_schedule
+from conftest import REFERENCE_SCHEDULES, ROOT
+
+MODEL = 'vit_deit_tiny_patch16_224'
+FAST = ['--input-size', '48', '--granularity', '2', '--num_workers', '0', '--warmup-epochs', '0',
+        '--batch-size', '4', '--print-freq', '50', '--throughput-batch', '2']
+SYNTHETIC = ['--data-set', 'synthetic', '--synthetic-classes', '3', '--synthetic-train-size', '16',
+             '--synthetic-val-size', '6']
+TARGET = '0.07'  # GFLOPs: between the minimum and the dense count of DeiT-Tiny+EAB+FTF at 48 px
+
+
+def make_image_folder(root, classes=('forest', 'harbor', 'river'), train=4, val=2, size=40):
+    for split, count in (('train', train), ('val', val)):
+        for index, name in enumerate(classes):
+            os.makedirs(root / split / name, exist_ok=True)
+            for i in range(count):
+                color = tuple(int(c) for c in torch.randint(0, 255, (3,)))
+                Image.new('RGB', (size, size), color).save(root / split / name / f'{name}_{i}.jpg')
+    return root
+
+
+def run_main(argv, capsys):
+    code = entry.run([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def sha(path):
+    return hashlib.sha256(open(path, 'rb').read()).hexdigest()
+
+
+def test_search_export_and_reload_gives_same_schedule_and_flops(tmp_path, capsys):
+    data, out = make_image_folder(tmp_path / 'data'), tmp_path / 'out'
+    # The users' command line, with --epoch abbreviated as they type it.
+    code, stdout, err = run_main(['--arch-lr', '0.01', '--arch-min-lr', '0.01', '--epoch', '2', '--data-path', data,
+                                  '--output_dir', out, '--model', MODEL, '--target_flops', TARGET] + FAST, capsys)
+    assert code == 0, err
+    log = [json.loads(line) for line in open(out / 'log.txt')]
+    assert [r['epoch'] for r in log] == [0, 1]
+    for name in ('args.json', 'checkpoint.pth', 'model_best.pth', 'compression_rate.json'):
+        assert (out / name).is_file()
+    prune, merge = load_schedule(str(out / 'compression_rate.json'), MODEL, float(TARGET))
+    assert (prune, merge) == (log[-1]['prune_kept_num'], log[-1]['merge_kept_num'])
+    checkpoint = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert checkpoint['epoch'] == 1
+
+    code, stdout, err = run_main(['--eval', '--load_compression_rate', '--data-path', data, '--model', MODEL,
+                                  '--target_flops', TARGET, '--resume', out / 'checkpoint.pth',
+                                  '--compression-rate-file', out / 'compression_rate.json',
+                                  '--output_dir', out / 'eval'] + FAST, capsys)
+    assert code == 0, err
+    report = json.load(open(out / 'eval' / 'eval_metrics.json'))
+    assert (report['prune_kept_num'], report['merge_kept_num']) == (prune, merge)
+    exported = json.load(open(out / 'compression_rate.json'))[MODEL][TARGET]
+    assert abs(report['gflops'] - exported['gflops']) < 1e-4
+    assert abs(report['gflops'] - report['gflops_fvcore']) / report['gflops'] < 0.01
+    assert report['num_images'] == 6 and len(report['confusion_matrix']) == 3
+    assert report['class_names'] == ['forest', 'harbor', 'river']
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_continues_exactly(tmp_path, capsys, monkeypatch):
+    common = ['--model', MODEL, '--target_flops', TARGET, '--drop-path', '0.1', '--epochs', '3'] + FAST + SYNTHETIC
+    straight, split = tmp_path / 'straight', tmp_path / 'split'
+    assert run_main(common + ['--output_dir', straight], capsys)[0] == 0
+
+    train_one_epoch = entry.train_one_epoch
+
+    def stop_at_epoch_two(*args, **kwargs):
+        if args[8] == 2:  # the epoch argument: the process dies before epoch 2
+            raise Interrupted()
+        return train_one_epoch(*args, **kwargs)
+    monkeypatch.setattr(entry, 'train_one_epoch', stop_at_epoch_two)
+    with pytest.raises(Interrupted):
+        run_main(common + ['--output_dir', split], capsys)
+    monkeypatch.setattr(entry, 'train_one_epoch', train_one_epoch)
+    assert run_main(common + ['--output_dir', split, '--autoresume'], capsys)[0] == 0
+
+    a = torch.load(straight / 'checkpoint.pth', weights_only=True)
+    b = torch.load(split / 'checkpoint.pth', weights_only=True)
+    assert a['epoch'] == b['epoch'] == 2
+    for key in a['model']:
+        assert torch.equal(a['model'][key], b['model'][key]), key
+    assert open(straight / 'log.txt').read() == open(split / 'log.txt').read()
+
+
+def test_torchrun_two_cpu_processes_gloo(tmp_path):
+    out = tmp_path / 'ddp'
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29533',
+               os.path.join(ROOT, 'main.py'), '--device', 'cpu', '--model', MODEL, '--target_flops', TARGET,
+               '--epochs', '1', '--output_dir', str(out)] + FAST + SYNTHETIC + ['--synthetic-val-size', '7']
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(open(out / 'log.txt').read().splitlines()[0])
+    assert record['test_num_images'] == 7, 'distributed evaluation counts each image exactly once'
+    state = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert 'rates.logits' in state['model']
+
+
+@pytest.mark.skipif(not os.path.exists(REFERENCE_SCHEDULES), reason='shared reference schedules not present')
+def test_diffrate_published_format_loads_for_our_model_names():
+    prune, merge = load_schedule(REFERENCE_SCHEDULES, 'vit_deit_small_patch16_224', 2.9)
+    assert prune[:3] == [197, 196, 190] and merge[-1] == 3 and len(merge) == 12
+
+
+def test_diffrate_format_written_by_hand(tmp_path):
+    path = tmp_path / 'rates.json'
+    path.write_text(json.dumps({'ViT-T-DeiT': {'0.8': {'prune_kept_num': '[197,190]', 'merge_kept_num': '[197,180]'}}}))
+    assert load_schedule(str(path), 'sdt2net_tiny_patch16_224', 0.8) == ([197, 190], [197, 180])
+
+
+# --- bad input: one line, non-zero exit, nothing written is lost --------------------------------
+def assert_clean_error(code, err, *words):
+    assert code != 0
+    assert 'Traceback' not in err
+    lines = [line for line in err.strip().splitlines() if line.startswith('error:')]
+    assert len(lines) == 1, err
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_wrong_data_path(tmp_path, capsys):
+    code, _, err = run_main(['--data-path', tmp_path / 'nowhere', '--model', MODEL, '--target_flops', TARGET] + FAST,
+                            capsys)
+    assert_clean_error(code, err, 'nowhere')
+
+
+def test_empty_class_folder(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data')
+    os.makedirs(data / 'train' / 'wetland')
+    os.makedirs(data / 'val' / 'wetland')
+    code, _, err = run_main(['--data-path', data, '--model', MODEL, '--target_flops', TARGET] + FAST, capsys)
+    assert_clean_error(code, err, 'wetland')
+
+
+def test_mismatched_class_folders(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data')
+    make_image_folder(tmp_path / 'data', classes=('desert',), train=1, val=0)
+    os.rmdir(data / 'val' / 'desert') if (data / 'val' / 'desert').exists() else None
+    code, _, err = run_main(['--data-path', data, '--model', MODEL, '--target_flops', TARGET] + FAST, capsys)
+    assert_clean_error(code, err, 'desert')
+
+
+def test_unreadable_image_keeps_existing_checkpoint(tmp_path, capsys):
+    data, out = make_image_folder(tmp_path / 'data'), tmp_path / 'out'
+    common = ['--data-path', data, '--model', MODEL, '--target_flops', TARGET, '--output_dir', out] + FAST
+    assert run_main(common + ['--epochs', '1'], capsys)[0] == 0
+    before = sha(out / 'checkpoint.pth'), open(out / 'log.txt').read()
+    (data / 'train' / 'forest' / 'forest_0.jpg').write_bytes(b'not a jpeg')
+    code, _, err = run_main(common + ['--epochs', '2', '--autoresume'], capsys)
+    assert_clean_error(code, err, 'forest_0.jpg')
+    assert (sha(out / 'checkpoint.pth'), open(out / 'log.txt').read()) == before
+
+
+def test_unknown_model(capsys):
+    code, _, err = run_main(['--model', 'vit_deit_huge', '--target_flops', TARGET] + FAST + SYNTHETIC, capsys)
+    assert_clean_error(code, err, 'vit_deit_huge', 'sdt2net_small_patch16_224')
+
+
+@pytest.mark.parametrize('target', ['5.0', '0.001'])
+def test_target_flops_out_of_reach(target, capsys):
+    code, _, err = run_main(['--model', MODEL, '--target_flops', target] + FAST + SYNTHETIC, capsys)
+    assert_clean_error(code, err, 'target_flops', 'GFLOPs')
+
+
+def test_missing_compression_rate_entry(tmp_path, capsys):
+    path = tmp_path / 'rates.json'
+    path.write_text(json.dumps({MODEL: {'0.06': {'prune_kept_num': [10] * 12, 'merge_kept_num': [10] * 12}}}))
+    code, _, err = run_main(['--eval', '--load_compression_rate', '--compression-rate-file', path, '--model', MODEL,
+                             '--target_flops', TARGET] + FAST + SYNTHETIC, capsys)
+    assert_clean_error(code, err, 'no schedule', '0.06')
+
+
+def test_checkpoint_of_another_model(tmp_path, capsys):
+    out = tmp_path / 'out'
+    assert run_main(['--model', MODEL, '--target_flops', TARGET, '--epochs', '1', '--output_dir', out]
+                    + FAST + SYNTHETIC, capsys)[0] == 0
+    code, _, err = run_main(['--eval', '--model', 'vit_deit_small_patch16_224', '--target_flops', '0.25',
+                             '--resume', out / 'checkpoint.pth'] + FAST + SYNTHETIC, capsys)
+    assert_clean_error(code, err, 'vit_deit_tiny_patch16_224')
+    code, _, err = run_main(['--eval', '--model', MODEL, '--target_flops', TARGET, '--no-eab',
+                             '--resume', out / 'checkpoint.pth'] + FAST + SYNTHETIC, capsys)
+    assert_clean_error(code, err, 'EAB')
+    (tmp_path / 'junk.pth').write_bytes(b'garbage')
+    code, _, err = run_main(['--eval', '--model', MODEL, '--target_flops', TARGET,
+                             '--resume', tmp_path / 'junk.pth'] + FAST + SYNTHETIC, capsys)
+    assert_clean_error(code, err, 'junk.pth')
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'out'
+    common = ['--model', MODEL, '--target_flops', TARGET, '--output_dir', out] + FAST + SYNTHETIC
+    assert run_main(common + ['--epochs', '1'], capsys)[0] == 0
+    before = sha(out / 'checkpoint.pth')
+
+    def nan_criterion(*args):
+        return lambda logits, target: logits.sum() * float('nan')
+    monkeypatch.setattr(entry, 'build_criterion', nan_criterion)
+    code, _, err = run_main(common + ['--epochs', '2', '--autoresume'], capsys)
+    assert_clean_error(code, err, 'nan')
+    assert code == 1 and sha(out / 'checkpoint.pth') == before
+    assert torch.load(out / 'checkpoint.pth', weights_only=True)['epoch'] == 0

@@ -1,0 +1,183 @@
+"""Distributed helpers, logging with ETA, atomic checkpoint I/O, RNG state and errors for users."""
+import datetime
+import json
+import os
+import random
+import time
+from collections import defaultdict, deque
+from typing import Any, Dict, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, exit status 2."""
+
+
+class NonFiniteLossError(Exception):
+    """The loss became NaN or infinite: the run stops, earlier checkpoints are kept."""
+
+
+# --- distributed ------------------------------------------------------------------------------
+def init_distributed(device_arg: Optional[str]) -> torch.device:
+    """Join the torchrun process group if launched by torchrun; return this process's device."""
+    device_type = device_arg or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device_type.startswith('cuda') and not torch.cuda.is_available():
+        raise UserError(f'--device {device_type} requested but CUDA is not available')
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        if device_type.startswith('cuda'):
+            torch.cuda.set_device(local_rank)
+            device = torch.device('cuda', local_rank)
+        else:
+            device = torch.device(device_type)
+        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+        dist.barrier()
+        return device
+    return torch.device(device_type)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (in place); a no-op in a single process."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel (or the model itself)."""
+    return model.module if hasattr(model, 'module') else model
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch; each process gets seed + rank."""
+    seed = seed + get_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --- RNG state as plain data (checkpoints load with weights_only=True) ---------------------------
+def rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        'python': [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        'numpy': [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# --- files ------------------------------------------------------------------------------------
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def append_json_line(record: Dict[str, Any], path: str) -> None:
+    with open(path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """torch.load with weights_only=True and a clear error for missing or foreign files."""
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint not found: {path}')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:  # unpickling errors come in many types
+        raise UserError(f'cannot read checkpoint {path}: {str(error).splitlines()[0]}') from None
+
+
+# --- logging ----------------------------------------------------------------------------------
+class SmoothedValue:
+    """Running statistics of a scalar over a window and over the epoch."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.values: deque = deque(maxlen=window)
+        self.total, self.count = 0.0, 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.values.append(value)
+        self.total += value * n
+        self.count += n
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.values)) if self.values else 0.0
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+
+class MetricLogger:
+    """Iterates a loader and prints progress with ETA every `print_freq` steps (main process)."""
+
+    def __init__(self, header: str, print_freq: int = 20) -> None:
+        self.header = header
+        self.print_freq = print_freq
+        self.meters: Dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+
+    def update(self, n: int = 1, **values: float) -> None:
+        for name, value in values.items():
+            self.meters[name].update(float(value), n)
+
+    def averages(self) -> Dict[str, float]:
+        return {name: meter.global_avg for name, meter in self.meters.items()}
+
+    def log_every(self, iterable: Iterable, total: int) -> Iterable:
+        start = time.time()
+        step_time = SmoothedValue()
+        last = time.time()
+        for i, item in enumerate(iterable):
+            yield item
+            step_time.update(time.time() - last)
+            last = time.time()
+            if is_main_process() and (i % self.print_freq == 0 or i == total - 1):
+                eta = datetime.timedelta(seconds=int(step_time.median * (total - i - 1)))
+                meters = '  '.join(f'{k}: {v.median:.4g} ({v.global_avg:.4g})' for k, v in self.meters.items())
+                print(f'{self.header} [{i + 1}/{total}]  eta: {eta}  {meters}  time: {step_time.median:.3f}s',
+                      flush=True)
+        if is_main_process():
+            elapsed = datetime.timedelta(seconds=int(time.time() - start))
+            print(f'{self.header} done in {elapsed}', flush=True)
