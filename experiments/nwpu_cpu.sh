@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/datasets/nwpu-resisc45}
 OUT=${2:-output/nwpu}
-EPOCHS=${3:-6}
+EPOCHS=${3:-8}
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1
 COMMON=(--data-path "$DATA" --model sdt2net_tiny_patch16_224 --input-size 112 --epochs "$EPOCHS"
@@ -25,10 +25,10 @@ mkdir -p "$OUT"
 row deit_dense --no-eab --no-ftf --fixed-schedule dense --target_flops 0.286 &
 row sdt2net_0.35 --target_flops 0.35 &
 wait
-row sdt2net_0.30 --target_flops 0.30 &
 row uniform_0.35 --fixed-schedule uniform --target_flops 0.35 &
-wait
 row no_eab_0.177 --no-eab --target_flops 0.177 &
+wait
+row sdt2net_0.30 --target_flops 0.30 &
 row no_ftf_0.349 --no-ftf --target_flops 0.349 &
 wait
 echo "done: $OUT"

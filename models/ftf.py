@@ -48,20 +48,21 @@ def largest_eigenvalue(a: torch.Tensor, iterations: int = POWER_ITERATIONS) -> t
 def pade_sqrtm(a: torch.Tensor, degree: int = 5) -> torch.Tensor:
     """Square root of symmetric positive semi-definite matrices, a: [B, d, d].
 
-    sqrt(A) = sqrt(s) * Q(Z)^-1 P(Z) with Z = I - A / s. s is the largest eigenvalue, so that the
-    eigenvalues of Z lie in [0, 1) where the approximant is accurate (the Frobenius norm, a looser
-    bound, pushes them towards 1 for 48 x 48 covariances and costs a 3e-3 relative error).
+    sqrt(A) = sqrt(s) * Q(Z)^-1 P(Z) with Z = I - A / s. s estimates the largest eigenvalue, so
+    that the eigenvalues of Z lie near [0, 1) where the approximant is accurate (the Frobenius
+    norm, a looser bound, pushes them towards 1 and costs a 3e-3 relative error at 48 x 48).
     """
     p, q = pade_coefficients(degree, degree)
     scale = largest_eigenvalue(a)
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     z = eye - a / scale
-    numerator, denominator = p[0] * eye, q[0] * eye
-    power = eye
-    for k in range(1, degree + 1):
-        power = z if k == 1 else power @ z
-        numerator = numerator + p[k] * power
-        denominator = denominator + q[k] * power
+    numerator = torch.add(p[0] * eye, z, alpha=p[1])
+    denominator = torch.add(q[0] * eye, z, alpha=q[1])
+    power = z
+    for k in range(2, degree + 1):
+        power = power @ z
+        numerator = torch.add(numerator, power, alpha=p[k])
+        denominator = torch.add(denominator, power, alpha=q[k])
     return torch.linalg.solve(denominator, numerator) * scale.sqrt()
 
 

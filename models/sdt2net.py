@@ -46,10 +46,10 @@ class SDT2NetAttention(Attention):
             logits = (q * self.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
             if bias is not None:
                 logits = logits + bias
-            mask = state.mask.to(logits.dtype)[:, None, None, :]  # [B, 1, 1, N]
-            peak = logits.masked_fill(mask.detach() == 0, -torch.inf).amax(dim=-1, keepdim=True)
-            weights = (logits - peak).exp() * mask
-            attn = weights / weights.sum(dim=-1, keepdim=True)
+            # softmax restricted to alive keys, written so that d(attn)/d(mask) exists:
+            # attn_ij = p_ij m_j / sum_k p_ik m_k with p the plain softmax (one fused kernel).
+            weights = logits.softmax(dim=-1) * state.mask.to(logits.dtype)[:, None, None, :]
+            attn = weights / weights.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
             if need_importance:
                 importance = attn[:, :, 0, 1:].mean(dim=1)
             out = self.attn_drop(attn) @ v

@@ -1,0 +1,173 @@
+"""Side-by-side speed benchmarks of SDT2Net; prints a table and the ratios the project targets.
+
+    python benchmark.py                      # this machine's device, 224 px, batch 32
+    python benchmark.py --device cuda --batch-size 256 --amp bf16
+
+Each measurement: warm-up runs, then the median of `--repeats` timed runs (synchronised on GPU).
+Rows are measured interleaved (round-robin) so that background load hits all of them alike.
+See docs/benchmark.md for what each step should show, predicted against measured.
+"""
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import timm
+import torch
+
+import models
+from models.ftf import pade_sqrtm
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+REFERENCE = os.path.join(ROOT, '..', 'shared', 'reference', 'diffrate_compression_rate.json')
+# DiffRate's published ViT-S-DeiT schedule at 2.9 GFLOPs (also in ../shared/reference).
+VIT_S_2_9 = ([197, 196, 190, 168, 150, 139, 129, 117, 99, 78, 58, 3],
+             [197, 194, 176, 156, 141, 133, 121, 107, 88, 64, 56, 3])
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(cases: Dict[str, Callable[[], None]], device, warmup: int, repeats: int) -> Dict[str, float]:
+    """Median seconds per call of every case, measured round-robin."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def sdt2net_small(eab: bool, ftf: bool, schedule, device) -> torch.nn.Module:
+    model = timm.create_model('sdt2net_small_patch16_224', eab=eab, ftf=ftf, num_classes=1000).to(device)
+    model.set_kept_num(*schedule)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--train-batch-size', type=int, default=None, help='default: --batch-size')
+    parser.add_argument('--amp', default='none', choices=['none', 'bf16'], help='autocast dtype (GPU)')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--skip-train', action='store_true')
+    parser.add_argument('--json', default='', help='also write the results here')
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == 'bf16' \
+        else contextlib.nullcontext
+    full = ([197] * 12, [197] * 12)
+    images = torch.randn(args.batch_size, 3, 224, 224, device=device)
+    results: Dict[str, float] = {}
+
+    # 1. inference: compression speedup and overhead against timm's DeiT-S
+    nets = {
+        'timm deit_small_patch16_224': timm.create_model('deit_small_patch16_224').to(device),
+        'sdt2net-S full keep (EAB/FTF off)': sdt2net_small(False, False, full, device),
+        'sdt2net-S ViT-S-DeiT 2.9 (EAB/FTF off)': sdt2net_small(False, False, VIT_S_2_9, device),
+        'sdt2net-S full keep (EAB+FTF)': sdt2net_small(True, True, full, device),
+        'sdt2net-S ViT-S-DeiT 2.9 (EAB+FTF)': sdt2net_small(True, True, VIT_S_2_9, device),
+    }
+    flops = {name: float(net.eval().flops()) if hasattr(net, 'rates') else None for name, net in nets.items()}
+
+    def infer(net):
+        def run():
+            with torch.no_grad(), autocast():
+                net(images)
+        return run
+    seconds = measure({name: infer(net.eval()) for name, net in nets.items()}, device, args.warmup, args.repeats)
+    print(f'\ninference, batch {args.batch_size}, 224 px, {device.type}, amp {args.amp}')
+    print(f'{"model":42s} {"GFLOPs":>8s} {"img/s":>9s}')
+    for name, s in seconds.items():
+        g = f'{flops[name] / 1e9:8.3f}' if flops[name] else f'{"4.608":>8s}'
+        print(f'{name:42s} {g} {args.batch_size / s:9.1f}')
+        results[f'img/s {name}'] = args.batch_size / s
+    for variant in ('EAB/FTF off', 'EAB+FTF'):
+        dense, compressed = f'sdt2net-S full keep ({variant})', f'sdt2net-S ViT-S-DeiT 2.9 ({variant})'
+        speedup = seconds[dense] / seconds[compressed]
+        flops_ratio = flops[dense] / flops[compressed]
+        results[f'speedup/flops-ratio {variant}'] = speedup / flops_ratio
+        print(f'speedup at ViT-S-DeiT 2.9 ({variant}): {speedup:.2f}x, FLOPs ratio {flops_ratio:.2f}x, '
+              f'speedup / FLOPs ratio = {speedup / flops_ratio:.2f} (target >= 0.90)')
+    ratio = seconds['timm deit_small_patch16_224'] / seconds['sdt2net-S full keep (EAB/FTF off)']
+    results['full-keep throughput / timm'] = ratio
+    print(f'full keep (EAB/FTF off) throughput / timm DeiT-S: {ratio:.2f} (target >= 0.95)')
+    del nets
+
+    # 2. one training step: forward, backward, both optimizers
+    if not args.skip_train:
+        batch = args.train_batch_size or args.batch_size
+        x, y = images[:batch], torch.randint(0, 1000, (batch,), device=device)
+        timm_net = timm.create_model('deit_small_patch16_224', drop_path_rate=0.0).to(device).train()
+        ours = timm.create_model('sdt2net_small_patch16_224', eab=False, ftf=False, num_classes=1000).to(device).train()
+        timm_opt = torch.optim.AdamW(timm_net.parameters(), lr=1e-5)
+        weight_opt = torch.optim.AdamW(ours.weight_parameters(), lr=1e-5)
+        arch_opt = torch.optim.AdamW(ours.arch_parameters(), lr=1e-3)
+
+        def timm_step():
+            with autocast():
+                loss = torch.nn.functional.cross_entropy(timm_net(x), y)
+            timm_opt.zero_grad()
+            loss.backward()
+            timm_opt.step()
+
+        def our_step():
+            with autocast():
+                loss = torch.nn.functional.cross_entropy(ours(x), y)
+            loss = loss + 5 * (ours.flops() / 1e9 - 3.0) ** 2
+            weight_opt.zero_grad()
+            arch_opt.zero_grad()
+            loss.backward()
+            weight_opt.step()
+            arch_opt.step()
+        step = measure({'timm': timm_step, 'ours': our_step}, device, args.warmup, args.repeats)
+        ratio = step['ours'] / step['timm']
+        results['train step / timm'] = ratio
+        print(f'\ntraining step, batch {batch}: timm DeiT-S {step["timm"] * 1e3:.0f} ms, SDT2Net-S (EAB/FTF off, '
+              f'learned rates) {step["ours"] * 1e3:.0f} ms: {ratio:.2f}x (target <= 1.25)')
+        del timm_net, ours
+
+    # 3. matrix square root: Pade against an eigendecomposition, forward + backward
+    a = torch.randn(64, 4 * 48, 48, device=device)
+    a = (a.transpose(1, 2) @ a / (4 * 48) + 0.1 * torch.eye(48, device=device)).requires_grad_(True)
+
+    def eigh_sqrtm(m):
+        values, vectors = torch.linalg.eigh(m)
+        return vectors @ torch.diag_embed(values.clamp(min=0).sqrt()) @ vectors.transpose(-1, -2)
+
+    def backward(fn):
+        def run():
+            fn(a).sum().backward()
+        return run
+    roots = measure({'pade': backward(pade_sqrtm), 'eigh': backward(eigh_sqrtm)}, device,
+                    args.warmup, args.repeats * 4)
+    with torch.no_grad():
+        reference = eigh_sqrtm(a.double())
+        error = (torch.linalg.matrix_norm(pade_sqrtm(a).double() - reference) / torch.linalg.matrix_norm(reference)).max()
+    ratio = roots['eigh'] / roots['pade']
+    results['pade speedup over eigh'] = ratio
+    results['pade max relative error'] = float(error)
+    print(f'\nmatrix sqrt 64 x 48x48 fp32, fwd+bwd: Pade {roots["pade"] * 1e3:.2f} ms, eigh {roots["eigh"] * 1e3:.2f} ms: '
+          f'{ratio:.1f}x faster (target >= 3), max relative error {float(error):.1e} (target < 1e-3)')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'device': str(device), 'batch_size': args.batch_size, 'amp': args.amp, **results}, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
