@@ -48,8 +48,10 @@ class SDT2NetAttention(Attention):
                 logits = logits + bias
             # softmax restricted to alive keys, written so that d(attn)/d(mask) exists:
             # attn_ij = p_ij m_j / sum_k p_ik m_k with p the plain softmax (one fused kernel).
+            # NOTE multiplying by the reciprocal of the [B, H, N, 1] sums is cheaper than a division
+            # of the [B, H, N, N] map, forward and backward.
             weights = logits.softmax(dim=-1) * state.mask.to(logits.dtype)[:, None, None, :]
-            attn = weights / weights.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
+            attn = weights * weights.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny).reciprocal()
             if need_importance:
                 importance = attn[:, :, 0, 1:].mean(dim=1)
             out = self.attn_drop(attn) @ v
