@@ -134,10 +134,16 @@ def validate_args(args, parser: argparse.ArgumentParser) -> None:
 
 
 def build_model(args, num_classes: int) -> models.SDT2Net:
-    model = timm.create_model(
-        args.model, pretrained=args.pretrained, num_classes=num_classes, img_size=args.input_size,
-        drop_rate=args.drop, drop_path_rate=args.drop_path, eab=not args.no_eab, ftf=not args.no_ftf,
-        eab_ratio=args.eab_ratio, eab_groups=args.eab_groups, granularity=args.granularity)
+    try:
+        model = timm.create_model(
+            args.model, pretrained=args.pretrained, num_classes=num_classes, img_size=args.input_size,
+            drop_rate=args.drop, drop_path_rate=args.drop_path, eab=not args.no_eab, ftf=not args.no_ftf,
+            eab_ratio=args.eab_ratio, eab_groups=args.eab_groups, granularity=args.granularity)
+    except (OSError, RuntimeError) as error:  # hub download failures surface as these
+        if not args.pretrained:
+            raise
+        raise UserError(f'could not fetch the pretrained DeiT weights ({str(error).splitlines()[0]}); '
+                        f'offline, pass a local checkpoint with --finetune PATH') from None
     if args.finetune:
         checkpoint = load_checkpoint(args.finetune)
         try:

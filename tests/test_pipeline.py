@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import main as entry
+import visualize
 from compression_schedule import load_schedule
 from conftest import REFERENCE_SCHEDULES, ROOT
 
@@ -68,6 +69,14 @@ def test_search_export_and_reload_gives_same_schedule_and_flops(tmp_path, capsys
     assert abs(report['gflops'] - report['gflops_fvcore']) / report['gflops'] < 0.01
     assert report['num_images'] == 6 and len(report['confusion_matrix']) == 3
     assert report['class_names'] == ['forest', 'harbor', 'river']
+
+    # every figure of a run is generated from its output folder
+    assert visualize.main([str(out), '--data-path', str(data), '--compare', str(out), '--num-images', '2',
+                           '--pipeline', str(tmp_path / 'figures')]) == 0
+    for name in ('schedule.png', 'curves.png', 'confusion_matrix.png', 'accuracy_vs_flops.png', 'token_groups.png'):
+        assert (out / name).stat().st_size > 1000, name
+    assert (tmp_path / 'figures' / 'pipeline.png').is_file()
+    assert visualize.main([str(tmp_path / 'no_run')]) == 2
 
 
 class Interrupted(Exception):
