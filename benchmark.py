@@ -18,7 +18,7 @@ from typing import Callable, Dict, List
 import timm
 import torch
 
-import models
+import models  # noqa: F401  (registers the SDT2Net models with timm)
 from models.ftf import pade_sqrtm
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import timm
 import torch
@@ -21,7 +21,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 import models
-from compression_schedule import DEFAULT_FILE, load_schedule, save_schedule, uniform_schedule
+from compression_schedule import DEFAULT_FILE, diffrate_key, load_schedule, save_schedule, uniform_schedule
 from datasets import UnreadableImageError, build_dataset, build_samplers
 from engine import Precision, SearchObjective, evaluate, measure_throughput, train_one_epoch
 from losses import build_criterion
@@ -162,19 +162,11 @@ def flops_range(model: models.SDT2Net) -> Dict[str, float]:
     depth, full = len(model.blocks), model.patch_embed.num_patches + 1
     smallest = int(model.rates.candidates.min()) + 1
     model.set_kept_num([full] * depth, [full] * depth)
-    dense = float(analytic_eval_flops(model))
+    dense = float(model.flops().detach())
     model.set_kept_num([full] + [smallest] * (depth - 1), [full] + [smallest] * (depth - 1))
-    minimum = float(analytic_eval_flops(model))
+    minimum = float(model.flops().detach())
     model.rates.fixed.copy_(fixed)
     return {'dense': dense / 1e9, 'minimum': minimum / 1e9}
-
-
-def analytic_eval_flops(model: models.SDT2Net) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    flops = model.flops()
-    model.train(was_training)
-    return flops
 
 
 def make_precision(device: torch.device, args) -> Precision:
@@ -196,40 +188,22 @@ def weight_param_groups(model: models.SDT2Net, weight_decay: float):
     return [{'params': no_decay, 'weight_decay': 0.0}, {'params': decay, 'weight_decay': weight_decay}]
 
 
-def main(args) -> None:
-    device = init_distributed(args.device)
-    seed_everything(args.seed)
-    if args.output_dir and is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
-        atomic_write_text(json.dumps(vars(args), indent=2) + '\n', os.path.join(args.output_dir, 'args.json'))
-
-    val_set, class_names = build_dataset(False, args)
-    train_set = None if args.eval else build_dataset(True, args)[0]
-    num_classes = len(class_names)
-    train_sampler, val_sampler = build_samplers(train_set, val_set, args)
-    loader_kwargs = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda',
-                         persistent_workers=False)
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler, **loader_kwargs)
-
-    model = build_model(args, num_classes).to(device)
-    ranges = flops_range(model)
+def configure_schedule(model: models.SDT2Net, args, ranges: Dict[str, float]) -> str:
+    """Apply a fixed schedule if one is asked for, freeze the parameter groups the mode does not
+    train, and return the search mode ('alternate', 'arch' or 'weights')."""
     fixed = args.load_compression_rate or args.fixed_schedule
-    searching = not args.eval and not fixed and args.search_mode != 'weights'
-    if searching and not ranges['minimum'] <= args.target_flops <= ranges['dense']:
+    if not args.eval and not fixed and args.search_mode != 'weights' \
+            and not ranges['minimum'] <= args.target_flops <= ranges['dense']:
         raise UserError(f'--target_flops {args.target_flops} is outside what {args.model} can reach at '
                         f'{args.input_size} px: [{ranges["minimum"]:.3f}, {ranges["dense"]:.3f}] GFLOPs')
     if args.load_compression_rate:
-        prune, merge = load_schedule(args.compression_rate_file, args.model, args.target_flops)
-        apply_schedule(model, prune, merge, args.compression_rate_file)
+        apply_schedule(model, *load_schedule(args.compression_rate_file, args.model, args.target_flops),
+                       args.compression_rate_file)
     elif args.fixed_schedule == 'dense':
         full = model.patch_embed.num_patches + 1
         model.set_kept_num([full] * len(model.blocks), [full] * len(model.blocks))
     elif args.fixed_schedule == 'uniform':
         uniform_schedule(model, args.target_flops)
-    n_parameters = sum(p.numel() for p in model.weight_parameters())
-    print(f'model {args.model}: {n_parameters / 1e6:.2f} M parameters, {num_classes} classes, '
-          f'GFLOPs dense {ranges["dense"]:.3f}, target {args.target_flops}')
-
     search_mode = 'weights' if fixed and not args.eval else args.search_mode
     if search_mode == 'weights' and not model.rates.is_fixed:
         model.set_kept_num(*model.get_kept_num())  # fine-tuning keeps the current schedule
@@ -237,7 +211,11 @@ def main(args) -> None:
         param.requires_grad_(search_mode != 'weights')
     for param in model.weight_parameters():
         param.requires_grad_(search_mode != 'arch')
+    return search_mode
 
+
+def build_optimizers(model: models.SDT2Net, args, search_mode: str):
+    """({'weights': ..., 'arch': ...}, matching schedulers) for the groups the mode trains."""
     optimizers, schedulers = {}, {}
     if search_mode != 'arch':
         lr = args.lr * args.batch_size * get_world_size() / 512.0
@@ -252,35 +230,66 @@ def main(args) -> None:
         optimizers['arch'] = torch.optim.AdamW(model.arch_parameters(), lr=args.arch_lr, weight_decay=0.0)
         schedulers['arch'], _ = create_scheduler_v2(optimizers['arch'], sched='cosine', num_epochs=args.epochs,
                                                     min_lr=args.arch_min_lr, warmup_epochs=0)
+    return optimizers, schedulers
+
+
+def resume_from(path: str, args, model, class_names, optimizers, schedulers, precision, model_ema):
+    """Load a checkpoint; when training, also the optimizers, schedules, scaler, EMA and RNG.
+    Returns (first epoch to run, best top-1 so far)."""
+    state = load_checkpoint(path)
+    check_checkpoint_fits(state, path, args, class_names)
+    model.load_state_dict(state['model'])
+    if args.load_compression_rate:  # the file's schedule wins over the checkpoint's
+        apply_schedule(model, *load_schedule(args.compression_rate_file, args.model, args.target_flops),
+                       args.compression_rate_file)
+    print(f'resumed from {path} (epoch {state["epoch"]})')
+    if args.eval or 'optimizers' not in state:
+        return args.start_epoch, 0.0
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(state['optimizers'][name])
+        schedulers[name].load_state_dict(state['schedulers'][name])
+    if precision.scaler is not None and state.get('scaler'):
+        precision.scaler.load_state_dict(state['scaler'])
+    if model_ema is not None and state.get('model_ema'):
+        model_ema.module.load_state_dict(state['model_ema'])
+    set_rng_state(state['rng'])
+    return state['epoch'] + 1, state.get('best_acc', 0.0)
+
+
+def main(args) -> None:
+    device = init_distributed(args.device)
+    seed_everything(args.seed)
+    val_set, class_names = build_dataset(False, args)
+    train_set = None if args.eval else build_dataset(True, args)[0]
+    num_classes = len(class_names)
+    train_sampler, val_sampler = build_samplers(train_set, val_set, args)
+    loader_kwargs = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda')
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler, **loader_kwargs)
+
+    model = build_model(args, num_classes).to(device)
+    ranges = flops_range(model)
+    search_mode = configure_schedule(model, args, ranges)
+    n_parameters = sum(p.numel() for p in model.weight_parameters())
+    print(f'model {args.model}: {n_parameters / 1e6:.2f} M parameters, {num_classes} classes, '
+          f'GFLOPs dense {ranges["dense"]:.3f}, target {args.target_flops}')
+    optimizers, schedulers = build_optimizers(model, args, search_mode)
     precision = make_precision(device, args)
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema and not args.eval else None
 
+    resume = args.resume
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else ''
     if args.autoresume and checkpoint_path and os.path.isfile(checkpoint_path):
-        args.resume = checkpoint_path
-    best_acc = 0.0
-    if args.resume:
-        state = load_checkpoint(args.resume)
-        check_checkpoint_fits(state, args, class_names)
-        model.load_state_dict(state['model'])
-        if args.load_compression_rate:  # the file's schedule wins over the checkpoint's
-            apply_schedule(model, prune, merge, args.compression_rate_file)
-        if not args.eval and 'optimizers' in state:
-            for name, optimizer in optimizers.items():
-                optimizer.load_state_dict(state['optimizers'][name])
-                schedulers[name].load_state_dict(state['schedulers'][name])
-            if precision.scaler is not None and state.get('scaler'):
-                precision.scaler.load_state_dict(state['scaler'])
-            if model_ema is not None and state.get('model_ema'):
-                model_ema.module.load_state_dict(state['model_ema'])
-            args.start_epoch = state['epoch'] + 1
-            best_acc = state.get('best_acc', 0.0)
-            set_rng_state(state['rng'])
-        print(f'resumed from {args.resume} (epoch {state["epoch"]})')
+        resume = checkpoint_path
+    start_epoch, best_acc = args.start_epoch, 0.0
+    if resume:
+        start_epoch, best_acc = resume_from(resume, args, model, class_names, optimizers, schedulers, precision,
+                                            model_ema)
+    if args.output_dir and is_main_process():  # only once the configuration is known to work
+        os.makedirs(args.output_dir, exist_ok=True)
+        atomic_write_text(json.dumps(vars(args), indent=2) + '\n', os.path.join(args.output_dir, 'args.json'))
 
-    eval_precision = precision
     if args.eval:
-        metrics = evaluate(model, val_loader, len(val_loader), num_classes, device, eval_precision,
+        metrics = evaluate(model, val_loader, len(val_loader), num_classes, device, precision,
                            reduce=is_distributed() and args.dist_eval, print_freq=args.print_freq)
         report = describe_model(model, args, device, precision, ranges)
         report.update(metrics, class_names=class_names)
@@ -306,9 +315,9 @@ def main(args) -> None:
     if len(train_loader) == 0:
         raise UserError(f'the training split has {len(train_set)} images, fewer than one batch of {args.batch_size}')
 
-    print(f'{search_mode} training for {args.epochs} epochs from epoch {args.start_epoch}')
+    print(f'{search_mode} training for {args.epochs} epochs from epoch {start_epoch}')
     start = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
+    for epoch in range(start_epoch, args.epochs):
         train_sampler.set_epoch(epoch)
         for scheduler in schedulers.values():
             scheduler.step(epoch)
@@ -317,7 +326,7 @@ def main(args) -> None:
         train_stats = train_one_epoch(model, criterion, train_loader, len(train_loader), optimizers, objective,
                                       device, precision, epoch, mixup_fn, args.clip_grad, model_ema,
                                       args.print_freq)
-        test_stats = evaluate(core, val_loader, len(val_loader), num_classes, device, eval_precision,
+        test_stats = evaluate(core, val_loader, len(val_loader), num_classes, device, precision,
                               reduce=is_distributed() and args.dist_eval, print_freq=args.print_freq)
         prune, merge = core.get_kept_num()
         is_best = test_stats['acc1'] > best_acc
@@ -343,22 +352,22 @@ def apply_schedule(model: models.SDT2Net, prune, merge, source: str) -> None:
         raise UserError(f'schedule from {source} does not fit the model: {error}') from None
 
 
-def check_checkpoint_fits(state: Dict, args, class_names) -> None:
+def check_checkpoint_fits(state: Dict, path: str, args, class_names) -> None:
+    """Clear errors for a checkpoint of another architecture, class list or component set."""
     if 'model' not in state or not isinstance(state['model'], dict):
-        raise UserError(f'{args.resume} is not a checkpoint written by this code (no "model" entry)')
+        raise UserError(f'{path} is not a checkpoint written by this code (no "model" entry)')
     saved = state.get('model_name')
-    if saved is not None and saved.replace('vit_deit_', '').replace('sdt2net_', '').replace('SDT2Net_', '') \
-            != args.model.replace('vit_deit_', '').replace('sdt2net_', '').replace('SDT2Net_', ''):
-        raise UserError(f'{args.resume} holds a {saved} model, not {args.model}')
+    if saved is not None and diffrate_key(saved) != diffrate_key(args.model):
+        raise UserError(f'{path} holds a {saved} model, not {args.model}')
     if state.get('class_names') is not None and list(state['class_names']) != list(class_names):
-        raise UserError(f'{args.resume} was trained on {len(state["class_names"])} other classes than the '
+        raise UserError(f'{path} was trained on {len(state["class_names"])} other classes than the '
                         f'{len(class_names)} in the data')
     keys = list(models.unwrap_state_dict(state['model']))
     for flag, marker, name in (('--no-eab', '.eab.', 'EAB'), ('--no-ftf', 'ftf.', 'FTF')):
         trained_with = any(marker in k for k in keys)
         if trained_with == getattr(args, flag[2:].replace('-', '_')):
             hint = f'remove {flag}' if trained_with else f'add {flag}'
-            raise UserError(f'{args.resume} was trained {"with" if trained_with else "without"} {name}: {hint}')
+            raise UserError(f'{path} was trained {"with" if trained_with else "without"} {name}: {hint}')
 
 
 def save_epoch(args, model, optimizers, schedulers, precision, model_ema, epoch, best_acc, is_best,
@@ -381,7 +390,7 @@ def save_epoch(args, model, optimizers, schedulers, precision, model_ema, epoch,
         shutil.copyfile(path, tmp)
         os.replace(tmp, os.path.join(args.output_dir, 'model_best.pth'))
     save_schedule(os.path.join(args.output_dir, 'compression_rate.json'), args.model, args.target_flops,
-                  prune, merge, gflops=round(float(analytic_eval_flops(model)) / 1e9, 4), epoch=epoch,
+                  prune, merge, gflops=round(float(model.flops().detach()) / 1e9, 4), epoch=epoch,
                   data=args.data_path or args.data_set, input_size=args.input_size)
 
 
@@ -394,7 +403,7 @@ def describe_model(model: models.SDT2Net, args, device, precision, ranges) -> Di
         pass  # fvcore is optional at evaluation time; the analytic count is always reported
     return {
         'model': args.model, 'target_flops': args.target_flops, 'input_size': args.input_size,
-        'gflops': float(analytic_eval_flops(model)) / 1e9, 'gflops_fvcore': gflops_fvcore,
+        'gflops': float(model.flops().detach()) / 1e9, 'gflops_fvcore': gflops_fvcore,
         'gflops_dense': ranges['dense'], 'parameters': sum(p.numel() for p in model.weight_parameters()),
         'throughput': measure_throughput(model, args.throughput_batch, args.input_size, device, precision),
         'device': str(device), 'prune_kept_num': prune, 'merge_kept_num': merge,
