@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
-from timm.models import build_model_with_cfg, register_model
+from timm.models import build_model_with_cfg, get_pretrained_cfg, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from .checkpoint import adapt_state_dict
@@ -156,12 +156,8 @@ class SDT2Net(VisionTransformer):
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         state = TokenState(alive=x.shape[1], grid_size=tuple(self.patch_embed.grid_size),
                            track_owner=track_owner or return_owners or self.eab_ratio > 0)
-        stages = self.rates.hard_stage_patches() if not self.training else None
-        masks = None
-        if self.training:
-            with torch.no_grad():
-                stages = [int(c) for c in self.rates.stage_patches().round().long().tolist()]
-            masks = self.rates.token_masks(stages)  # [S, N + 1]
+        stages = self.rates.hard_stage_patches()  # kept patch counts, one host sync at most
+        masks = self.rates.token_masks(stages) if self.training else None  # [S, N + 1]
         owners = []
         for i, block in enumerate(self.blocks):
             kept = keep_masks = None
@@ -205,7 +201,6 @@ def _create_sdt2net(variant: str, pretrained: bool = False, **kwargs) -> SDT2Net
     pretrained_tag, arch = _VARIANTS[variant]
     for key in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir'):
         kwargs.pop(key, None)  # timm.create_model passes these; the DeiT config below is used
-    from timm.models import get_pretrained_cfg
     pretrained_cfg = get_pretrained_cfg(pretrained_tag)
     return build_model_with_cfg(
         SDT2Net, f'sdt2net_{variant}_patch16_224', pretrained,

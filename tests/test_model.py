@@ -223,3 +223,16 @@ def test_checkpoint_adapter_rejects_another_architecture():
     model = timm.create_model('sdt2net_tiny_patch16_224')
     with pytest.raises(ValueError, match='does not fit'):
         models.adapt_state_dict(small.state_dict(), model)
+
+
+def test_bfloat16_autocast_training_and_evaluation():
+    model = small_sdt2net()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        model.train()
+        loss = model(x).float().logsumexp(-1).sum() + model.flops() / 1e6
+        loss.backward()
+        model.eval()
+        with torch.no_grad():
+            assert torch.isfinite(model(x).float()).all()
+    assert torch.isfinite(model.rates.logits.grad).all() and model.rates.logits.grad.abs().sum() > 0

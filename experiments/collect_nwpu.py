@@ -1,0 +1,60 @@
+"""Collect the NWPU-RESISC45 CPU runs of experiments/nwpu_cpu.sh into the README table (markdown,
+printed) and add the learned SDT2Net schedules, with their provenance, to compression_rate.json.
+
+    python experiments/collect_nwpu.py output/nwpu [--write-schedules]
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from compression_schedule import DEFAULT_FILE, save_schedule  # noqa: E402
+
+ROWS = [  # run folder, description
+    ('deit_dense', 'DeiT-Tiny, dense (no EAB, no FTF, no compression)'),
+    ('sdt2net_0.35', 'SDT2Net, target 0.35 GFLOPs'),
+    ('sdt2net_0.30', 'SDT2Net, target 0.30 GFLOPs'),
+    ('uniform_0.35', 'uniform hand-set merge schedule (ToMe-style) at 0.35 GFLOPs, EAB+FTF'),
+    ('no_eab_0.177', 'SDT2Net without EAB, target 0.177 (= 0.35 minus the EAB cost)'),
+    ('no_ftf_0.349', 'SDT2Net without FTF, target 0.349 (= 0.35 minus the FTF cost)'),
+]
+SCHEDULE_ROWS = ('sdt2net_0.35', 'sdt2net_0.30')
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('runs', help='the OUT folder of experiments/nwpu_cpu.sh')
+    parser.add_argument('--write-schedules', action='store_true', help='add the schedules to compression_rate.json')
+    args = parser.parse_args()
+    print('| run | top-1 (%) | kappa | GFLOPs analytic | GFLOPs fvcore | params (M) | CPU img/s |')
+    print('|---|---|---|---|---|---|---|')
+    for name, description in ROWS:
+        path = os.path.join(args.runs, name, 'eval', 'eval_metrics.json')
+        if not os.path.isfile(path):
+            print(f'| {description} | not run | | | | | |')
+            continue
+        m = json.load(open(path))
+        print(f'| {description} | {m["acc1"]:.2f} | {m["kappa"]:.4f} | {m["gflops"]:.3f} | {m["gflops_fvcore"]:.3f} | '
+              f'{m["parameters"] / 1e6:.2f} | {m["throughput"]:.1f} |')
+        if args.write_schedules and name in SCHEDULE_ROWS:
+            run_args = json.load(open(os.path.join(args.runs, name, 'args.json')))
+            n = m['num_images']
+            noise = 100 * math.sqrt(m['acc1'] / 100 * (1 - m['acc1'] / 100) / n)
+            save_schedule(DEFAULT_FILE, m['model'], m['target_flops'], m['prune_kept_num'], m['merge_kept_num'],
+                          gflops=round(m['gflops'], 4), input_size=m['input_size'],
+                          provenance={
+                              'data': 'NWPU-RESISC45 subset of ../shared/datasets (3150 train / 900 val, 10% split)',
+                              'protocol': f'from scratch, {run_args["epochs"]} epochs, batch {run_args["batch_size"]}, '
+                                          f'seed {run_args["seed"]}, 112 px, CPU (experiments/nwpu_cpu.sh)',
+                              'top1': round(m['acc1'], 2), 'top1_std_error': round(noise, 2),
+                              'kappa': round(m['kappa'], 4),
+                              'command': f'experiments/nwpu_cpu.sh (row {name})'})
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
