@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 	$(PY) main.py --data-set synthetic --model sdt2net_tiny_patch16_224 --input-size 64 --eval \
 		--load_compression_rate --compression-rate-file $(DEMO_OUT)/compression_rate.json --target_flops 0.12 \
 		--resume $(DEMO_OUT)/checkpoint.pth --output_dir $(DEMO_OUT)/eval --num_workers 0
-	@echo "demo outputs: $(DEMO_OUT) (log.txt, checkpoint.pth, compression_rate.json, eval/metrics.json)"
+	@echo "demo outputs: $(DEMO_OUT) (log.txt, checkpoint.pth, compression_rate.json, eval/eval_metrics.json)"
 
 bench: $(VENV)/.installed
 	$(PY) benchmark.py

@@ -77,12 +77,14 @@ def _sdpa_flops(inputs: List[Any], outputs: List[Any]) -> int:
 
 def fvcore_flops(model: nn.Module, img_size: int, device: torch.device = torch.device('cpu')) -> float:
     """fvcore's count of the evaluation model for one image (needs fvcore installed)."""
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)  # fvcore calls the deprecated torch.jit.script
+        from fvcore.nn import FlopCountAnalysis
     was_training = model.training
     model.eval()
     image = torch.zeros(1, model.in_chans, img_size, img_size, device=device)
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter('ignore', FutureWarning)  # fvcore's tracer calls torch.jit.script
+        warnings.simplefilter('ignore', FutureWarning)
         analysis = FlopCountAnalysis(model, image)
         analysis.set_op_handle('aten::scaled_dot_product_attention', _sdpa_flops)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
