@@ -14,21 +14,32 @@ COMMON=(--data-path "$DATA" --model sdt2net_tiny_patch16_224 --input-size 112 --
         --batch-size 64 --lr 2e-3 --warmup-epochs 0 --drop-path 0.0 --aa none --mixup 0 --cutmix 0
         --reprob 0 --arch-lr 0.01 --arch-min-lr 0.01 --seed 0 --num_workers 0 --print-freq 10)
 
-row() {  # name, extra flags...
+row() {  # name, extra flags...: train, then evaluate the last checkpoint
   local name=$1; shift
   "$PY" main.py "${COMMON[@]}" --output_dir "$OUT/$name" "$@" > "$OUT/$name.train.log" 2>&1
   "$PY" main.py "${COMMON[@]}" --eval --resume "$OUT/$name/checkpoint.pth" --output_dir "$OUT/$name/eval" \
     --throughput-batch 32 "$@" > "$OUT/$name.eval.log" 2>&1
 }
 
+ROWS=(
+  "deit_dense|--no-eab --no-ftf --fixed-schedule dense --target_flops 0.286"
+  "sdt2net_0.35|--target_flops 0.35"
+  "uniform_0.35|--fixed-schedule uniform --target_flops 0.35"
+  "no_eab_0.177|--no-eab --target_flops 0.177"
+  "sdt2net_0.30|--target_flops 0.30"
+  "no_ftf_0.349|--no-ftf --target_flops 0.349"
+)
+
+worker() {  # takes the next row nobody has started (mkdir is the lock), until none is left
+  for spec in "${ROWS[@]}"; do
+    local name=${spec%%|*}
+    mkdir "$OUT/$name" 2>/dev/null || continue
+    # shellcheck disable=SC2086
+    row "$name" ${spec#*|}
+  done
+}
+
 mkdir -p "$OUT"
-row deit_dense --no-eab --no-ftf --fixed-schedule dense --target_flops 0.286 &
-row sdt2net_0.35 --target_flops 0.35 &
-wait
-row uniform_0.35 --fixed-schedule uniform --target_flops 0.35 &
-row no_eab_0.177 --no-eab --target_flops 0.177 &
-wait
-row sdt2net_0.30 --target_flops 0.30 &
-row no_ftf_0.349 --no-ftf --target_flops 0.349 &
+for _ in $(seq "${SLOTS:-2}"); do worker & done
 wait
 echo "done: $OUT"
