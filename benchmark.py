@@ -64,7 +64,8 @@ def main() -> None:
     parser.add_argument('--amp', default='none', choices=['none', 'bf16'], help='autocast dtype (GPU)')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=5)
-    parser.add_argument('--skip-train', action='store_true')
+    parser.add_argument('--parts', nargs='+', default=['inference', 'train', 'sqrt'],
+                        choices=['inference', 'train', 'sqrt'], help='which benchmarks to run')
     parser.add_argument('--json', default='', help='also write the results here')
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -75,7 +76,20 @@ def main() -> None:
     images = torch.randn(args.batch_size, 3, 224, 224, device=device)
     results: Dict[str, float] = {}
 
-    # 1. inference: compression speedup and overhead against timm's DeiT-S
+    if 'inference' in args.parts:
+        results.update(benchmark_inference(args, device, autocast, images, full))
+    if 'train' in args.parts:
+        results.update(benchmark_training(args, device, autocast, images))
+    if 'sqrt' in args.parts:
+        results.update(benchmark_sqrt(args, device))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'device': str(device), 'batch_size': args.batch_size, 'amp': args.amp, **results}, f, indent=1)
+
+
+def benchmark_inference(args, device, autocast, images, full) -> Dict[str, float]:
+    """Compression speedup against the FLOPs ratio, and full keep against timm's DeiT-S."""
+    results = {}
     nets = {
         'timm deit_small_patch16_224': timm.create_model('deit_small_patch16_224').to(device),
         'sdt2net-S full keep (EAB/FTF off)': sdt2net_small(False, False, full, device),
@@ -107,42 +121,47 @@ def main() -> None:
     ratio = seconds['timm deit_small_patch16_224'] / seconds['sdt2net-S full keep (EAB/FTF off)']
     results['full-keep throughput / timm'] = ratio
     print(f'full keep (EAB/FTF off) throughput / timm DeiT-S: {ratio:.2f} (target >= 0.95)')
-    del nets
+    return results
 
-    # 2. one training step: forward, backward, both optimizers
-    if not args.skip_train:
-        batch = args.train_batch_size or args.batch_size
-        x, y = images[:batch], torch.randint(0, 1000, (batch,), device=device)
-        timm_net = timm.create_model('deit_small_patch16_224', drop_path_rate=0.0).to(device).train()
-        ours = timm.create_model('sdt2net_small_patch16_224', eab=False, ftf=False, num_classes=1000).to(device).train()
-        timm_opt = torch.optim.AdamW(timm_net.parameters(), lr=1e-5)
-        weight_opt = torch.optim.AdamW(ours.weight_parameters(), lr=1e-5)
-        arch_opt = torch.optim.AdamW(ours.arch_parameters(), lr=1e-3)
 
-        def timm_step():
-            with autocast():
-                loss = torch.nn.functional.cross_entropy(timm_net(x), y)
-            timm_opt.zero_grad()
-            loss.backward()
-            timm_opt.step()
+def benchmark_training(args, device, autocast, images) -> Dict[str, float]:
+    """One step (forward, backward, both optimizers) against timm's DeiT-S step."""
+    results = {}
+    batch = args.train_batch_size or args.batch_size
+    x, y = images[:batch], torch.randint(0, 1000, (batch,), device=device)
+    timm_net = timm.create_model('deit_small_patch16_224', drop_path_rate=0.0).to(device).train()
+    ours = timm.create_model('sdt2net_small_patch16_224', eab=False, ftf=False, num_classes=1000).to(device).train()
+    timm_opt = torch.optim.AdamW(timm_net.parameters(), lr=1e-5)
+    weight_opt = torch.optim.AdamW(ours.weight_parameters(), lr=1e-5)
+    arch_opt = torch.optim.AdamW(ours.arch_parameters(), lr=1e-3)
 
-        def our_step():
-            with autocast():
-                loss = torch.nn.functional.cross_entropy(ours(x), y)
-            loss = loss + 5 * (ours.flops() / 1e9 - 3.0) ** 2
-            weight_opt.zero_grad()
-            arch_opt.zero_grad()
-            loss.backward()
-            weight_opt.step()
-            arch_opt.step()
-        step = measure({'timm': timm_step, 'ours': our_step}, device, args.warmup, args.repeats)
-        ratio = step['ours'] / step['timm']
-        results['train step / timm'] = ratio
-        print(f'\ntraining step, batch {batch}: timm DeiT-S {step["timm"] * 1e3:.0f} ms, SDT2Net-S (EAB/FTF off, '
-              f'learned rates) {step["ours"] * 1e3:.0f} ms: {ratio:.2f}x (target <= 1.25)')
-        del timm_net, ours
+    def timm_step():
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(timm_net(x), y)
+        timm_opt.zero_grad()
+        loss.backward()
+        timm_opt.step()
 
-    # 3. matrix square root: Pade against an eigendecomposition, forward + backward
+    def our_step():
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(ours(x), y)
+        loss = loss + 5 * (ours.flops() / 1e9 - 3.0) ** 2
+        weight_opt.zero_grad()
+        arch_opt.zero_grad()
+        loss.backward()
+        weight_opt.step()
+        arch_opt.step()
+    step = measure({'timm': timm_step, 'ours': our_step}, device, args.warmup, args.repeats)
+    ratio = step['ours'] / step['timm']
+    results['train step / timm'] = ratio
+    print(f'\ntraining step, batch {batch}: timm DeiT-S {step["timm"] * 1e3:.0f} ms, SDT2Net-S (EAB/FTF off, '
+          f'learned rates) {step["ours"] * 1e3:.0f} ms: {ratio:.2f}x (target <= 1.25)')
+    return results
+
+
+def benchmark_sqrt(args, device) -> Dict[str, float]:
+    """Pade square root against an eigendecomposition, forward + backward, 64 x 48x48 fp32."""
+    results = {}
     a = torch.randn(64, 4 * 48, 48, device=device)
     a = (a.transpose(1, 2) @ a / (4 * 48) + 0.1 * torch.eye(48, device=device)).requires_grad_(True)
 
@@ -164,9 +183,7 @@ def main() -> None:
     results['pade max relative error'] = float(error)
     print(f'\nmatrix sqrt 64 x 48x48 fp32, fwd+bwd: Pade {roots["pade"] * 1e3:.2f} ms, eigh {roots["eigh"] * 1e3:.2f} ms: '
           f'{ratio:.1f}x faster (target >= 3), max relative error {float(error):.1e} (target < 1e-3)')
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'device': str(device), 'batch_size': args.batch_size, 'amp': args.amp, **results}, f, indent=1)
+    return results
 
 
 if __name__ == '__main__':
