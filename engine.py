@@ -3,7 +3,7 @@ a metrics dict. main.py wires them, logs and checkpoints."""
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -28,15 +28,18 @@ class Precision:
 @dataclass
 class SearchObjective:
     """Which parameters a step updates and the FLOPs budget they answer to."""
-    mode: str                 # 'alternate' | 'arch' | 'weights'
+    mode: str                 # 'alternate' | 'joint' | 'arch' | 'weights'
     target_gflops: float
     flops_weight: float       # lambda; 0 during the optional compression-rate warm-up
 
-    def stepped_group(self, step: int) -> str:
-        """'weights' or 'arch': alternate mode switches every step."""
+    def stepped_groups(self, step: int) -> Tuple[str, ...]:
+        """Optimizers to step after this step's backward: alternate switches every step, joint
+        steps both (the weights then get as many updates as in a plain training run)."""
         if self.mode == 'alternate':
-            return 'weights' if step % 2 == 0 else 'arch'
-        return self.mode
+            return ('weights',) if step % 2 == 0 else ('arch',)
+        if self.mode == 'joint':
+            return ('weights', 'arch')
+        return (self.mode,)
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, num_steps: int,
@@ -68,23 +71,24 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, nu
             loss = loss + flops_penalty(flops, objective.target_gflops, objective.flops_weight)
         finite &= torch.isfinite(loss)
 
-        group = objective.stepped_group(step)
+        groups = objective.stepped_groups(step)
         for optimizer in optimizers.values():
             optimizer.zero_grad(set_to_none=True)
-        optimizer = optimizers[group]
-        if precision.scaler is not None:
-            precision.scaler.scale(loss).backward()
+        scaler = precision.scaler
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        for group in groups:
+            optimizer = optimizers[group]
             if clip_grad:
-                precision.scaler.unscale_(optimizer)
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(_params(optimizer), clip_grad)
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-        else:
-            loss.backward()
-            if clip_grad:
-                nn.utils.clip_grad_norm_(_params(optimizer), clip_grad)
-            optimizer.step()
-        if model_ema is not None and group == 'weights':
+            if scaler is not None:
+                scaler.step(optimizer)
+            else:
+                optimizer.step()
+        if scaler is not None:
+            scaler.update()
+        if model_ema is not None and 'weights' in groups:
             model_ema.update(core)
 
         loss_sum += loss.detach()

@@ -71,8 +71,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--flops-weight', type=float, default=5.0, help='lambda of the FLOPs penalty')
     p.add_argument('--arch-lr', type=float, default=0.01, help='learning rate of the compression rates')
     p.add_argument('--arch-min-lr', type=float, default=0.01, help='final learning rate of the rates')
-    p.add_argument('--search-mode', default='alternate', choices=['alternate', 'arch', 'weights'],
-                   help='alternate weight and rate steps; rates only (frozen weights); weights only (fixed schedule)')
+    p.add_argument('--search-mode', default='alternate', choices=['alternate', 'joint', 'arch', 'weights'],
+                   help='alternate: weight and rate steps take turns; joint: both every step; arch: rates only '
+                        '(frozen weights); weights: weights only (fixed schedule)')
     p.add_argument('--warmup_compression_rate', action='store_true', help='no FLOPs penalty in the first epoch')
     p.add_argument('--load_compression_rate', action='store_true',
                    help='fix the schedule of --model at --target_flops from --compression-rate-file')
