@@ -86,8 +86,14 @@ def uniform_schedule(model, target_gflops: float) -> Tuple[List[int], List[int]]
     def schedule(r: float) -> List[int]:
         return [full] + [max(2, round(full - r * block)) for block in range(1, depth)]
 
+    def apply(r: float) -> Tuple[List[int], List[int]]:
+        merge = schedule(r)
+        prune = [full] + merge[:-1]  # nothing is pruned: each block starts from the last one's count
+        model.set_kept_num(prune, merge)
+        return prune, merge
+
     def gflops(r: float) -> float:
-        model.set_kept_num(schedule(r), schedule(r))
+        apply(r)
         return float(model.flops().detach()) / 1e9
 
     low, high = 0.0, full / (depth - 1)
@@ -98,6 +104,4 @@ def uniform_schedule(model, target_gflops: float) -> Tuple[List[int], List[int]]
         middle = (low + high) / 2
         low, high = (middle, high) if gflops(middle) > target_gflops else (low, middle)
     best = min((low, high), key=lambda r: abs(gflops(r) - target_gflops))
-    merge = schedule(best)
-    model.set_kept_num(merge, merge)
-    return merge, merge
+    return apply(best)

@@ -236,3 +236,13 @@ def test_bfloat16_autocast_training_and_evaluation():
         with torch.no_grad():
             assert torch.isfinite(model(x).float()).all()
     assert torch.isfinite(model.rates.logits.grad).all() and model.rates.logits.grad.abs().sum() > 0
+
+
+def test_uniform_schedule_merges_only_and_meets_the_target():
+    from compression_schedule import uniform_schedule
+    model = timm.create_model('sdt2net_tiny_patch16_224', img_size=112, num_classes=45)
+    prune, merge = uniform_schedule(model, 0.35)
+    assert prune[1:] == merge[:-1], 'no pruning: every block starts from the previous block count'
+    steps = [a - b for a, b in zip(merge, merge[1:])]
+    assert max(steps) - min(steps) <= 1, 'the same number of merges in every block'
+    assert abs(float(model.flops().detach()) / 1e9 - 0.35) / 0.35 < 0.02
