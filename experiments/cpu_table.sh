@@ -3,7 +3,7 @@
 # pretrained weights can be downloaded on the machine it ran on), every row with the same
 # epochs, seed and recipe (searches in --search-mode joint, so that every row gets the same number
 # of weight updates); two rows run side by side with one thread each.
-# Usage: experiments/nwpu_cpu.sh [DATA] [OUT] [EPOCHS]
+# Usage: experiments/cpu_table.sh [DATA] [OUT] [EPOCHS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/datasets/nwpu-resisc45}

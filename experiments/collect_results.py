@@ -1,10 +1,10 @@
-"""Collect the NWPU-RESISC45 CPU runs of experiments/nwpu_cpu.sh into the README table (markdown,
+"""Collect the NWPU-RESISC45 CPU runs of experiments/cpu_table.sh into the README table (markdown,
 printed) and add the learned SDT2Net schedules, with their provenance, to compression_rate.json.
 
 Throughput is measured here again, for all runs side by side (round-robin, batch 32, 112 px, the
 process's default threads), because the evaluations of the runs overlapped with other training.
 
-    python experiments/collect_nwpu.py output/nwpu [--write-schedules]
+    python experiments/collect_results.py output/nwpu [--write-schedules]
 """
 import argparse
 import json
@@ -34,7 +34,7 @@ SCHEDULE_ROWS = ('sdt2net_0.35', 'sdt2net_0.30')
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('runs', help='the OUT folder of experiments/nwpu_cpu.sh')
+    parser.add_argument('runs', help='the OUT folder of experiments/cpu_table.sh')
     parser.add_argument('--write-schedules', action='store_true', help='add the schedules to compression_rate.json')
     args = parser.parse_args()
     done = [name for name, _ in ROWS if os.path.isfile(os.path.join(args.runs, name, 'eval', 'eval_metrics.json'))]
@@ -66,10 +66,10 @@ def main() -> int:
                           provenance={
                               'data': 'NWPU-RESISC45 subset of ../shared/datasets (3150 train / 900 val, 10% split)',
                               'protocol': f'from scratch, {run_args["epochs"]} epochs, batch {run_args["batch_size"]}, '
-                                          f'seed {run_args["seed"]}, 112 px, CPU (experiments/nwpu_cpu.sh)',
+                                          f'seed {run_args["seed"]}, 112 px, CPU (experiments/cpu_table.sh)',
                               'top1': round(m['acc1'], 2), 'top1_std_error': round(noise, 2),
                               'kappa': round(m['kappa'], 4),
-                              'command': f'experiments/nwpu_cpu.sh (row {name})'})
+                              'command': f'experiments/cpu_table.sh (row {name})'})
     return 0
 
 
