@@ -12,30 +12,20 @@ import contextlib
 import json
 import os
 import statistics
-import time
 from typing import Callable, Dict, List
 
 import timm
 import torch
 
 import models  # noqa: F401  (registers the SDT2Net models with timm)
-from models.ftf import pade_sqrtm
+from models.ftf import eigh_sqrtm, pade_sqrtm
+from utils import timed
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = os.path.join(ROOT, '..', 'shared', 'reference', 'diffrate_compression_rate.json')
 # DiffRate's published ViT-S-DeiT schedule at 2.9 GFLOPs (also in ../shared/reference).
 VIT_S_2_9 = ([197, 196, 190, 168, 150, 139, 129, 117, 99, 78, 58, 3],
              [197, 194, 176, 156, 141, 133, 121, 107, 88, 64, 56, 3])
-
-
-def timed(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def measure(cases: Dict[str, Callable[[], None]], device, warmup: int, repeats: int) -> Dict[str, float]:
@@ -164,10 +154,6 @@ def benchmark_sqrt(args, device) -> Dict[str, float]:
     results = {}
     a = torch.randn(64, 4 * 48, 48, device=device)
     a = (a.transpose(1, 2) @ a / (4 * 48) + 0.1 * torch.eye(48, device=device)).requires_grad_(True)
-
-    def eigh_sqrtm(m):
-        values, vectors = torch.linalg.eigh(m)
-        return vectors @ torch.diag_embed(values.clamp(min=0).sqrt()) @ vectors.transpose(-1, -2)
 
     def backward(fn):
         def run():

@@ -1,7 +1,7 @@
 """One training/search epoch and the evaluation loop. Inputs are explicit objects; both return
 a metrics dict. main.py wires them, logs and checkpoints."""
 import contextlib
-import time
+import statistics
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from losses import flops_penalty
-from utils import MetricLogger, NonFiniteLossError, all_reduce_sum, unwrap
+from utils import MetricLogger, NonFiniteLossError, all_reduce_sum, timed, unwrap
 
 
 @dataclass
@@ -155,19 +155,10 @@ def measure_throughput(model: nn.Module, batch_size: int, image_size: int, devic
     """Images per second of the evaluation forward (median of `repeats` timed batches)."""
     model.eval()
     images = torch.randn(batch_size, 3, image_size, image_size, device=device)
-    times = []
-    for i in range(warmup + repeats):
-        _synchronize(device)
-        start = time.perf_counter()
+
+    def forward():
         with precision.autocast():
             model(images)
-        _synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    times.sort()
-    return batch_size / times[len(times) // 2]
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+    for _ in range(warmup):
+        forward()
+    return batch_size / statistics.median(timed(forward, device) for _ in range(repeats))

@@ -295,7 +295,7 @@ def main(args) -> None:
         report = describe_model(model, args, device, precision, ranges)
         report.update(metrics, class_names=class_names)
         print(f'top-1 {metrics["acc1"]:.2f}%  top-5 {metrics["acc5"]:.2f}%  kappa {metrics["kappa"]:.4f}  '
-              f'GFLOPs {report["gflops"]:.3f} (fvcore {report["gflops_fvcore"]})  '
+              f'GFLOPs {report["gflops"]:.3f} (fvcore {report["gflops_fvcore"]:.3f})  '
               f'{report["throughput"]:.1f} img/s  on {metrics["num_images"]} images')
         print(f'kept tokens: prune {report["prune_kept_num"]}  merge {report["merge_kept_num"]}')
         if args.output_dir and is_main_process():
@@ -396,12 +396,9 @@ def save_epoch(args, model, optimizers, schedulers, precision, model_ema, epoch,
 
 
 def describe_model(model: models.SDT2Net, args, device, precision, ranges) -> Dict:
+    """Schedule, FLOPs (analytic and fvcore's), parameters and throughput of the evaluated model."""
     prune, merge = model.get_kept_num()
-    gflops_fvcore = None
-    try:
-        gflops_fvcore = round(models.fvcore_flops(model, args.input_size, device) / 1e9, 4)
-    except ImportError:
-        pass  # fvcore is optional at evaluation time; the analytic count is always reported
+    gflops_fvcore = models.fvcore_flops(model, args.input_size, device) / 1e9
     return {
         'model': args.model, 'target_flops': args.target_flops, 'input_size': args.input_size,
         'gflops': float(model.flops().detach()) / 1e9, 'gflops_fvcore': gflops_fvcore,

@@ -14,32 +14,22 @@ import shutil
 import sys
 from typing import Dict, List
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
-
-
-class SplitError(Exception):
-    pass
+from datasets import IMAGE_EXTENSIONS, list_classes
+from utils import UserError
 
 
 def scan_classes(source: str) -> Dict[str, List[str]]:
     """{class: sorted image file names}; every class folder must hold images."""
     if not os.path.isdir(source):
-        raise SplitError(f'--source {source} is not a folder')
-    classes = sorted(e.name for e in os.scandir(source) if e.is_dir())
-    if not classes:
-        raise SplitError(f'no class folders in {source}')
-    images = {c: sorted(f for f in os.listdir(os.path.join(source, c)) if f.lower().endswith(IMAGE_EXTENSIONS))
-              for c in classes}
-    empty = [c for c, files in images.items() if not files]
-    if empty:
-        raise SplitError(f'class folders without images: {", ".join(empty[:5])}')
-    return images
+        raise UserError(f'--source {source} is not a folder')
+    return {c: sorted(f for f in os.listdir(os.path.join(source, c)) if f.lower().endswith(IMAGE_EXTENSIONS))
+            for c in list_classes(source)}
 
 
 def split_class(files: List[str], train_ratio: float, rng: random.Random) -> List[List[str]]:
     """[train, val] of one class: round(ratio * n) training images, at least one in each split."""
     if len(files) < 2:
-        raise SplitError(f'a class needs at least 2 images to split, found {files}')
+        raise UserError(f'a class needs at least 2 images to split, found {files}')
     shuffled = list(files)
     rng.shuffle(shuffled)
     n_train = min(max(1, round(train_ratio * len(files))), len(files) - 1)
@@ -60,9 +50,9 @@ def place(src: str, dst: str, mode: str) -> None:
 
 def make_splits(source: str, dest: str, train_ratio: float, seed: int, mode: str) -> Dict[str, Dict[str, int]]:
     if not 0 < train_ratio < 1:
-        raise SplitError(f'--train-ratio must lie in (0, 1), got {train_ratio}')
+        raise UserError(f'--train-ratio must lie in (0, 1), got {train_ratio}')
     if os.path.exists(dest) and os.listdir(dest):
-        raise SplitError(f'--dest {dest} exists and is not empty; choose a new folder')
+        raise UserError(f'--dest {dest} exists and is not empty; choose a new folder')
     images = scan_classes(source)
     rng = random.Random(seed)
     counts = {}
@@ -89,7 +79,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         counts = make_splits(args.source, args.dest, args.train_ratio, args.seed, args.mode)
-    except SplitError as error:
+    except UserError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
     train, val = sum(c['train'] for c in counts.values()), sum(c['val'] for c in counts.values())

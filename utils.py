@@ -128,6 +128,18 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         raise UserError(f'cannot read checkpoint {path}: {str(error).splitlines()[0]}') from None
 
 
+# --- timing ---------------------------------------------------------------------------------
+def timed(fn, device: torch.device) -> float:
+    """Seconds one call of fn() takes, the device synchronised before and after (CUDA)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 # --- logging ----------------------------------------------------------------------------------
 class SmoothedValue:
     """Running statistics of a scalar over a window and over the epoch."""

@@ -21,14 +21,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-
-class FigureError(Exception):
-    pass
+from utils import UserError, load_checkpoint  # noqa: E402
 
 
 def read_json(path: str) -> Dict:
     if not os.path.isfile(path):
-        raise FigureError(f'missing {path}')
+        raise UserError(f'missing {path}')
     with open(path) as f:
         return json.load(f)
 
@@ -36,7 +34,7 @@ def read_json(path: str) -> Dict:
 def read_log(run: str) -> List[Dict]:
     path = os.path.join(run, 'log.txt')
     if not os.path.isfile(path):
-        raise FigureError(f'missing {path}')
+        raise UserError(f'missing {path}')
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -118,14 +116,11 @@ def plot_pareto(runs: List[str], out_dir: str) -> str:
 
 def load_run_model(run: str):
     """The run's model with its checkpoint, in evaluation mode; and its args."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import timm
-    import models  # noqa: F401  (registers the models)
-    args = SimpleNamespace(**read_json(os.path.join(run, 'args.json')))
-    checkpoint = torch.load(os.path.join(run, 'checkpoint.pth'), map_location='cpu', weights_only=True)
-    model = timm.create_model(args.model, num_classes=len(checkpoint['class_names']), img_size=args.input_size,
-                              eab=not args.no_eab, ftf=not args.no_ftf, eab_ratio=args.eab_ratio,
-                              eab_groups=args.eab_groups, granularity=args.granularity)
+    from main import build_model
+    # The run's configuration, without fetching or loading its starting weights again.
+    args = SimpleNamespace(**{**read_json(os.path.join(run, 'args.json')), 'pretrained': False, 'finetune': ''})
+    checkpoint = load_checkpoint(os.path.join(run, 'checkpoint.pth'))
+    model = build_model(args, num_classes=len(checkpoint['class_names']))
     model.load_state_dict(checkpoint['model'])
     return model.eval(), args
 
@@ -238,7 +233,7 @@ def main(argv=None) -> int:
             written.append(plot_pipeline(args.pipeline))
         if args.run:
             if not os.path.isdir(args.run):
-                raise FigureError(f'{args.run} is not a folder')
+                raise UserError(f'{args.run} is not a folder')
             written += [plot_schedule(args.run), plot_curves(args.run)]
             if os.path.isfile(os.path.join(args.run, 'eval', 'eval_metrics.json')):
                 written.append(plot_confusion(args.run))
@@ -246,7 +241,7 @@ def main(argv=None) -> int:
                 written.append(plot_pareto([args.run] + args.compare, args.run))
             if args.data_path:
                 written.append(plot_token_groups(args.run, args.data_path, args.num_images))
-    except FigureError as error:
+    except UserError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
     print('\n'.join(written))

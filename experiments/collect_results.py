@@ -55,7 +55,7 @@ def main() -> int:
             print(f'| {description} | not run | | | | | |')
             continue
         m = json.load(open(path))
-        print(f'| {description} | {m["acc1"]:.2f} | {m["kappa"]:.4f} | {m["gflops"]:.3f} | {m["gflops_fvcore"]:.3f} | '
+        print(f'| {description} | {m["acc1"]:.2f} | {m["kappa"]:.4f} | {m["gflops"]:.4f} | {m["gflops_fvcore"]:.4f} | '
               f'{m["parameters"] / 1e6:.2f} | {32 / seconds[name]:.1f} |')
         if args.write_schedules and name in SCHEDULE_ROWS:
             run_args = json.load(open(os.path.join(args.runs, name, 'args.json')))

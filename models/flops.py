@@ -83,8 +83,7 @@ def fvcore_flops(model: nn.Module, img_size: int, device: torch.device = torch.d
     was_training = model.training
     model.eval()
     image = torch.zeros(1, model.in_chans, img_size, img_size, device=device)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter('ignore', FutureWarning)
+    with torch.no_grad():
         analysis = FlopCountAnalysis(model, image)
         analysis.set_op_handle('aten::scaled_dot_product_attention', _sdpa_flops)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)

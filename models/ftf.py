@@ -66,6 +66,12 @@ def pade_sqrtm(a: torch.Tensor, degree: int = 5) -> torch.Tensor:
     return torch.linalg.solve(denominator, numerator) * scale.sqrt()
 
 
+def eigh_sqrtm(a: torch.Tensor) -> torch.Tensor:
+    """Reference square root by eigendecomposition (tests and benchmarks), a: [B, d, d]."""
+    values, vectors = torch.linalg.eigh(a)
+    return vectors @ torch.diag_embed(values.clamp(min=0).sqrt()) @ vectors.transpose(-1, -2)
+
+
 def weighted_covariance(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Centred covariance of token features weighted by `weight` (token sizes x keep mask).
 

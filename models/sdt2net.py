@@ -150,12 +150,11 @@ class SDT2Net(VisionTransformer):
         return analytic_flops(self.shape(), stages[0::2], stages[1::2])
 
     # --- forward --------------------------------------------------------------------------------
-    def forward_tokens(self, x: torch.Tensor, track_owner: bool = False,
-                       return_owners: bool = False) -> Tuple[torch.Tensor, TokenState, List[torch.Tensor]]:
+    def forward_tokens(self, x: torch.Tensor, return_owners: bool = False) -> Tuple[torch.Tensor, TokenState, List[torch.Tensor]]:
         """Images [B, 3, H, W] -> (normed tokens [B, N, C], final state, per-block patch owners)."""
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         state = TokenState(alive=x.shape[1], grid_size=tuple(self.patch_embed.grid_size),
-                           track_owner=track_owner or return_owners or self.eab_ratio > 0)
+                           track_owner=return_owners or self.eab_ratio > 0)
         stages = self.rates.hard_stage_patches()  # kept patch counts, one host sync at most
         masks = self.rates.token_masks(stages) if self.training else None  # [S, N + 1]
         owners = []

@@ -104,10 +104,12 @@ def compress(x: torch.Tensor, state: TokenState, importance: torch.Tensor,
     if merge_kept < prune_kept:
         dst = match_merge_targets(x, merge_kept, prune_kept)
         merged, merged_size = merge_into(x, size, dst, merge_kept, prune_kept)
-        tail = slice(merge_kept, None) if training else slice(merge_kept, merge_kept)
-        x = torch.cat([merged, x[:, tail]], dim=1)
-        size = torch.cat([merged_size, size[:, tail]], dim=1)
-    if not training:
+        if training:  # merged-away and pruned tokens stay in place, masked
+            x = torch.cat([merged, x[:, merge_kept:]], dim=1)
+            size = torch.cat([merged_size, size[:, merge_kept:]], dim=1)
+        else:
+            x, size = merged, merged_size
+    elif not training:
         x, size = x[:, :merge_kept], size[:, :merge_kept]
 
     mask = None

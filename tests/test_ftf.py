@@ -1,12 +1,7 @@
 """The second-order head: Pade square root against an eigendecomposition, gradients, weighting."""
 import torch
 
-from models.ftf import SecondOrderHead, pade_sqrtm, weighted_covariance
-
-
-def eigh_sqrtm(a: torch.Tensor) -> torch.Tensor:
-    values, vectors = torch.linalg.eigh(a)
-    return vectors @ torch.diag_embed(values.clamp(min=0).sqrt()) @ vectors.transpose(-1, -2)
+from models.ftf import SecondOrderHead, eigh_sqrtm, pade_sqrtm, weighted_covariance
 
 
 def well_conditioned_covariances(batch: int, dim: int, dtype=torch.float64) -> torch.Tensor:
