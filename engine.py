@@ -58,6 +58,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, nu
     logger = MetricLogger(f'Epoch [{epoch}]', print_freq)
     loss_sum = torch.zeros((), device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
+    last_checked = -1  # last step whose loss the host has seen to be finite
     for step, (images, targets) in enumerate(logger.log_every(loader, num_steps)):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -94,8 +95,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, nu
         loss_sum += loss.detach()
         if step % print_freq == 0 or step == num_steps - 1:
             if not bool(finite):
-                raise NonFiniteLossError(f'loss is {loss.item()} at epoch {epoch}, step {step}')
-            logger.update(loss=(loss_sum / (step + 1)).item(), cls_loss=cls_loss.item(),
+                raise NonFiniteLossError(f'the loss became NaN or infinite in epoch {epoch}, '
+                                         f'between steps {last_checked + 1} and {step}')
+            last_checked = step
+            logger.update(loss=loss.item(), cls_loss=cls_loss.item(),
                           gflops=flops.item() / 1e9,
                           lr=optimizers['weights'].param_groups[0]['lr'] if 'weights' in optimizers else 0.0)
     return {'loss': float(loss_sum) / max(num_steps, 1), 'gflops': float(core.flops().detach()) / 1e9,

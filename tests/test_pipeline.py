@@ -222,6 +222,6 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch)
         return lambda logits, target: logits.sum() * float('nan')
     monkeypatch.setattr(entry, 'build_criterion', nan_criterion)
     code, _, err = run_main(common + ['--epochs', '2', '--autoresume'], capsys)
-    assert_clean_error(code, err, 'nan')
+    assert_clean_error(code, err, 'NaN', 'epoch 1')
     assert code == 1 and sha(out / 'checkpoint.pth') == before
     assert torch.load(out / 'checkpoint.pth', weights_only=True)['epoch'] == 0
