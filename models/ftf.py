@@ -163,16 +163,20 @@ class _PadeSqrtm(torch.autograd.Function):
         p, q = pade_coefficients(5, 5)
         # A and its root are symmetric: only the symmetric part of the upstream gradient counts.
         # G is taken as grad + grad^T; the factor 0.5 * gain is applied once, at the end.
-        terms = grad_root.new_empty((5,) + grad_root.shape)  # T_1..T_5: [5, B, d, d]
-        torch.add(grad_root, grad_root.transpose(1, 2), out=terms[0])
-        half = z @ terms[0]
-        torch.add(half, half.transpose(1, 2), out=terms[1])                 # T_2 = Z G + G Z
-        torch.baddbmm(terms[0] @ z2, z, terms[1], out=terms[2])             # T_3 = Z T_2 + G Z^2
-        half = z2 @ terms[1]
-        torch.add(half, half.transpose(1, 2), out=terms[3])                 # T_4 = Z^2 T_2 + T_2 Z^2
-        torch.baddbmm(terms[1] @ z3, z2, terms[2], out=terms[4])            # T_5 = Z^2 T_3 + T_2 Z^3
-        weights = terms.new_tensor([p[1:], q[1:]]) / terms.new_tensor([[p[2]], [q[2]]])  # [2, 5]
-        grad_p, grad_q = (weights @ terms.view(5, -1)).view((2,) + grad_root.shape)
+        g = grad_root + grad_root.transpose(1, 2)                 # T_1 = G: [B, d, d]
+        # sum_k pn_k T_k and sum_k qn_k T_k, accumulated while each T_k is still in cache.
+        grad_p, grad_q = g * (p[1] / p[2]), g * (q[1] / q[2])
+
+        def accumulate(term: torch.Tensor, k: int) -> torch.Tensor:
+            grad_p.add_(term, alpha=p[k] / p[2])
+            grad_q.add_(term, alpha=q[k] / q[2])
+            return term
+        half = z @ g
+        t2 = accumulate(half + half.transpose(1, 2), 2)               # Z G + G Z
+        t3 = accumulate(torch.baddbmm(g @ z2, z, t2), 3)              # Z T_2 + G Z^2
+        half = z2 @ t2
+        accumulate(half + half.transpose(1, 2), 4)                    # Z^2 T_2 + T_2 Z^2
+        accumulate(torch.baddbmm(t2 @ z3, z2, t3), 5)                 # Z^2 T_3 + T_2 Z^3
         grad_z = denominator_inv @ torch.baddbmm(grad_p, grad_q, ratio.transpose(1, 2), alpha=-1)
         # dL/dA = -dL/dZ / s, symmetrised; with G's factor 0.5 * gain: -0.25 * gain / s.
         return torch.add(grad_z, grad_z.transpose(1, 2)).mul_(gain * (-0.25 / scale))
