@@ -14,20 +14,28 @@ import ctypes.util
 import json
 import os
 import statistics
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import timm
 import torch
 
 import models  # noqa: F401  (registers the SDT2Net models with timm)
+from compression_schedule import load_schedule
 from models.ftf import add_ridge, eigh_sqrtm, pade_sqrtm, weighted_covariance
 from utils import timed
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = os.path.join(ROOT, '..', 'shared', 'reference', 'diffrate_compression_rate.json')
-# DiffRate's published ViT-S-DeiT schedule at 2.9 GFLOPs (also in ../shared/reference).
+# DiffRate's published ViT-S-DeiT schedule at 2.9 GFLOPs, for machines without the reference file.
 VIT_S_2_9 = ([197, 196, 190, 168, 150, 139, 129, 117, 99, 78, 58, 3],
              [197, 194, 176, 156, 141, 133, 121, 107, 88, 64, 56, 3])
+
+
+def vit_s_2_9_schedule() -> Tuple[List[int], List[int]]:
+    """(prune, merge) kept counts of ViT-S-DeiT at 2.9 GFLOPs, from the reference file if present."""
+    if os.path.exists(REFERENCE):
+        return load_schedule(REFERENCE, 'sdt2net_small_patch16_224', 2.9)
+    return VIT_S_2_9
 
 
 def measure(cases: Dict[str, Callable[[], None]], device, warmup: int, repeats: int) -> Dict[str, float]:
@@ -104,12 +112,13 @@ def main() -> None:
 def benchmark_inference(args, device, autocast, images, full) -> Dict[str, float]:
     """Compression speedup against the FLOPs ratio, and full keep against timm's DeiT-S."""
     results = {}
+    schedule = vit_s_2_9_schedule()
     nets = {
         'timm deit_small_patch16_224': timm.create_model('deit_small_patch16_224').to(device),
         'sdt2net-S full keep (EAB/FTF off)': sdt2net_small(False, False, full, device),
-        'sdt2net-S ViT-S-DeiT 2.9 (EAB/FTF off)': sdt2net_small(False, False, VIT_S_2_9, device),
+        'sdt2net-S ViT-S-DeiT 2.9 (EAB/FTF off)': sdt2net_small(False, False, schedule, device),
         'sdt2net-S full keep (EAB+FTF)': sdt2net_small(True, True, full, device),
-        'sdt2net-S ViT-S-DeiT 2.9 (EAB+FTF)': sdt2net_small(True, True, VIT_S_2_9, device),
+        'sdt2net-S ViT-S-DeiT 2.9 (EAB+FTF)': sdt2net_small(True, True, schedule, device),
     }
     flops = {name: float(net.eval().flops()) if hasattr(net, 'rates') else None for name, net in nets.items()}
 
@@ -176,6 +185,7 @@ def benchmark_training(args, device, autocast, images) -> Dict[str, float]:
 def benchmark_sqrt(args, device) -> Dict[str, float]:
     """Pade square root against an eigendecomposition, forward + backward, 64 x 48x48 fp32."""
     results = {}
+    torch.manual_seed(0)  # the same matrices whichever parts ran before
     a = torch.randn(64, 4 * 48, 48, device=device)
     a = (a.transpose(1, 2) @ a / (4 * 48) + 0.1 * torch.eye(48, device=device)).requires_grad_(True)
 

@@ -1,0 +1,29 @@
+"""benchmark.py: every part runs and reports its ratios; the built-in schedule is DiffRate's."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import benchmark
+from conftest import REFERENCE_SCHEDULES, ROOT
+
+
+def test_benchmark_runs_every_part_and_reports_every_ratio(tmp_path):
+    report = tmp_path / 'bench.json'
+    subprocess.run([sys.executable, 'benchmark.py', '--batch-size', '2', '--repeats', '1', '--warmup', '0',
+                    '--json', str(report)], cwd=ROOT, check=True, capture_output=True)
+    results = json.loads(report.read_text())
+    expected = ['speedup/flops-ratio EAB/FTF off', 'speedup/flops-ratio EAB+FTF', 'full-keep throughput / timm',
+                'train step / timm', 'pade speedup over eigh', 'pade max relative error',
+                'pade max relative gradient error']
+    for key in expected:
+        assert math.isfinite(results[key]) and results[key] > 0, (key, results.get(key))
+    assert results['pade max relative error'] < 1e-3
+
+
+@pytest.mark.skipif(not os.path.exists(REFERENCE_SCHEDULES), reason='needs ../shared/reference')
+def test_builtin_schedule_equals_diffrates_published_one():
+    assert benchmark.vit_s_2_9_schedule() == tuple(benchmark.VIT_S_2_9)
