@@ -61,8 +61,8 @@ def retain_freed_memory() -> bool:
 
     glibc raises both thresholds each time it frees a large mmap-ed block; a model's activations
     (tens of MB) take them to their maxima within the first step. A fresh process that only runs
-    small kernels keeps the defaults and hands freed memory back to the OS, so every new
-    [64, 48, 48] temporary of the Pade root page-faults again (~200 faults, +0.6 ms per call).
+    small kernels keeps the defaults and hands freed memory back to the OS, so the temporaries of
+    the Pade root page-fault again (interleaved with eigh: 376 faults and +0.5 ms per call).
     Fixing the thresholds up front makes each part measure what it costs inside training, whatever
     ran before it. Returns False where the C library is not glibc.
     """
