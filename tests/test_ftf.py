@@ -1,7 +1,6 @@
 """The second-order head: Pade square root against an eigendecomposition, gradients, weighting."""
-import torch
-
 import pytest
+import torch
 
 from models.ftf import SecondOrderHead, eigh_sqrtm, pade_sqrtm, spd_inverse, weighted_covariance
 
