@@ -15,9 +15,6 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-POWER_ITERATIONS = 2  # power-iteration steps to estimate the largest eigenvalue (see largest_eigenvalue)
-
-
 @lru_cache(maxsize=None)
 def pade_coefficients(m: int = 5, n: int = 5) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     """Coefficients (p, q) of the [m/n] Pade approximant of sqrt(1 - z) = P(z) / Q(z), q[0] = 1.
@@ -36,24 +33,22 @@ def pade_coefficients(m: int = 5, n: int = 5) -> Tuple[Tuple[float, ...], Tuple[
     return tuple(p.tolist()), tuple(q.tolist())
 
 
-def largest_eigenvalue(a: torch.Tensor, iterations: int = POWER_ITERATIONS) -> torch.Tensor:
-    """Power-iteration estimate of the largest eigenvalue of symmetric PSD a: [B, d, d] -> [B, 1, 1].
+def spectral_scale(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """s = ||A^2||_F^(1/2) / d^(1/4) for symmetric PSD a: [B, d, d]; returns s [B, 1, 1] and A^2.
 
-    |A v| for the unit vector v after `iterations - 1` steps from ones / sqrt(d): a smooth function
-    of a that never exceeds the largest eigenvalue. That is harmless: the approximant of
-    sqrt(1 - z) is as accurate at z = 1 - w as at z = 1 - 1/w, so an estimate half the true value
-    costs no more than one twice too large, and a slight underestimate even helps the small
-    eigenvalues (relative error of the root on the benchmark matrices: 9.5e-6 with 2 steps,
-    1.4e-5 with 3, 1.7e-5 with 4).
+    ||A^2||_F^(1/2) = (sum of eigenvalues^4)^(1/4) lies in [lmax, d^(1/4) lmax], so
+    lmax / d^(1/4) <= s <= lmax whatever the matrix: the eigenvalues of Z = I - A / s lie in
+    [1 - d^(1/4), 1) ([-1.63, 1) at d = 48), where the approximant is accurate and Q(Z) is
+    well-conditioned. Erring low is what the approximant prefers: it is as exact at z = 1 - w as
+    at z = 1 - 1/w, so small eigenvalues gain what large ones lose (root error 1.6e-6 on the
+    benchmark matrices, 9.5e-6 with a power-iteration estimate of lmax, 3.7e-3 with the
+    Frobenius norm). A power iteration from a fixed start, in comparison, can fall far short
+    when the start is nearly orthogonal to the top eigenvector (s = lmax / 13 in training once,
+    too far for float32). A^2 is not wasted: it gives Z^2 without another product.
     """
-    tiny = torch.finfo(a.dtype).tiny
-    # Matrix-vector products as multiply-sums (A symmetric): a batched [d, d] @ [d, 1] product
-    # costs as much as a full [d, d] @ [d, d] one on CPU, the multiply-sum a quarter of that.
-    v = a.sum(dim=-1) / a.shape[-1] ** 0.5  # A u for u = ones / sqrt(d): [B, d]
-    for _ in range(iterations - 1):
-        v = v / v.norm(dim=-1, keepdim=True).clamp(min=tiny)
-        v = (a * v[:, None, :]).sum(dim=-1)
-    return v.norm(dim=-1).clamp(min=tiny)[:, None, None]
+    a2 = a @ a
+    scale = torch.linalg.matrix_norm(a2).sqrt() / a.shape[-1] ** 0.25
+    return scale.clamp(min=torch.finfo(a.dtype).tiny)[:, None, None], a2
 
 
 SPD_BASE_SIZE = 24  # below this, LAPACK; above, block elimination with batched products
@@ -71,6 +66,10 @@ def spd_inverse(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     n = a.shape[-1]
     if n <= SPD_BASE_SIZE:
         factor, info = torch.linalg.cholesky_ex(a)
+        # A failed factorisation leaves a partial factor that cholesky_inverse may reject with an
+        # exception; callers mask those matrices by `info`, so the identity stands in for them.
+        failed = (info != 0)[:, None, None]
+        factor = torch.where(failed, torch.eye(n, dtype=a.dtype, device=a.device), factor)
         return torch.cholesky_inverse(factor), info
     h = n // 2
     top_inv, top_info = spd_inverse(a[:, :h, :h])
@@ -114,10 +113,11 @@ def _pade_forward(a: torch.Tensor):
     constant p2 / q2 moves into the final scale, so the code works with Pn = P / p2, Qn = Q / q2.
     """
     p, q = pade_coefficients(5, 5)
-    scale = largest_eigenvalue(a)  # [B, 1, 1]
+    scale, a2 = spectral_scale(a)  # [B, 1, 1], [B, d, d]
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     z = torch.addcmul(eye, a, -scale.reciprocal())  # I - A / s
-    z2 = z @ z
+    z2 = torch.addcmul(z, a2, scale.pow(-2)).add_(z)  # (I - A / s)^2 = 2 Z + A^2 / s^2 - I
+    z2.diagonal(dim1=1, dim2=2).sub_(1.0)
     z3 = z2 @ z
     numerator = _quadratic(z, z2, p[0] / p[2], p[1] / p[2]).baddbmm_(
         z3, _quadratic(z, z2, p[3] / p[5], p[4] / p[5]), alpha=p[5] / p[2])
@@ -137,8 +137,8 @@ def _pade_forward(a: torch.Tensor):
 class _PadeSqrtm(torch.autograd.Function):
     """Pade square root with a hand-written backward pass: eight matrix products, no solve.
 
-    Autograd through the forward would differentiate the power iteration and run a second
-    solve. Here s is a constant: sqrt(s) R(I - A / s) equals sqrt(A) up to the approximation
+    Autograd through the forward would differentiate the scale and run a second solve. Here s
+    is a constant: sqrt(s) R(I - A / s) equals sqrt(A) up to the approximation
     error whatever s is, so its derivative in s is of that order (1e-5).
     With R = Qn^-1 Pn, G the symmetrised upstream gradient times the gain (the code applies the
     constant factors at the end), and
@@ -189,10 +189,9 @@ def pade_sqrtm(a: torch.Tensor) -> torch.Tensor:
     """Square root of symmetric positive semi-definite matrices, a: [B, d, d].
 
     sqrt(A) = sqrt(s) * Q(Z)^-1 P(Z) with Z = I - A / s and the [5/5] Pade approximant P / Q of
-    sqrt(1 - z); s estimates the largest eigenvalue so that the eigenvalues of Z lie near
-    [0, 1), where the approximant is accurate (the Frobenius norm, a looser bound, pushes them
-    towards 1 and costs a 3e-3 relative error at 48 x 48). Accuracy drops for rank-deficient
-    matrices, whose zero eigenvalues sit at z = 1 (see docs/benchmark.md).
+    sqrt(1 - z); s (spectral_scale) keeps the eigenvalues of Z where the approximant is
+    accurate. Accuracy drops for rank-deficient matrices, whose zero eigenvalues sit at z = 1
+    (see docs/benchmark.md). Matrices that are not PSD (or hold NaN) give NaN, value and gradient.
     """
     if torch.is_grad_enabled() and a.requires_grad:
         return _PadeSqrtm.apply(a)

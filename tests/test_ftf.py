@@ -37,6 +37,18 @@ def test_pade_gradient_matches_eigendecomposition_gradient():
     assert error.max() < 1e-3, error.max()
 
 
+def test_pade_root_stays_accurate_when_the_top_eigenvectors_are_orthogonal_to_ones():
+    # A power iteration started from ones sees only the small eigenvalue here and would scale
+    # the matrix by 1 instead of 10 (this broke a training run in float32).
+    basis = torch.randn(8, 48, 3, dtype=torch.float64)
+    basis = torch.linalg.qr(basis - basis.mean(dim=1, keepdim=True)).Q  # orthonormal, orthogonal to ones
+    a = 9 * basis @ basis.transpose(1, 2) + torch.eye(48, dtype=torch.float64)  # eigenvalues 10 (x3) and 1
+    reference = eigh_sqrtm(a)
+    root = pade_sqrtm(a.float()).double()
+    error = torch.linalg.matrix_norm(root - reference) / torch.linalg.matrix_norm(reference)
+    assert error.max() < 1e-3, error.max()
+
+
 @pytest.mark.parametrize('size', [5, 24, 25, 48, 49])
 def test_spd_inverse_matches_lapack_at_every_block_split(size):
     a = well_conditioned_covariances(3, size)
@@ -45,14 +57,23 @@ def test_spd_inverse_matches_lapack_at_every_block_split(size):
     assert (info == 0).all()
 
 
-def test_pade_root_of_a_broken_matrix_is_nan_and_leaves_the_others_alone():
-    a = well_conditioned_covariances(2, 30)
+def test_spd_inverse_flags_singular_matrices_instead_of_raising():
+    a = torch.eye(30, dtype=torch.float64).repeat(2, 1, 1)
+    a[1, -1, -1] = 0  # singular: the factorisation stops at the last pivot
+    inverse, info = spd_inverse(a)
+    assert info[0] == 0 and info[1] != 0
+    torch.testing.assert_close(inverse[0], torch.eye(30, dtype=torch.float64))
+
+
+def test_pade_root_of_broken_matrices_is_nan_and_leaves_the_others_alone():
+    a = well_conditioned_covariances(3, 30)
     a[1, 3, 3] = float('nan')
+    a[2] = -a[2]  # negative definite: Q(Z) has no Cholesky factor
     a.requires_grad_(True)
     root = pade_sqrtm(a)
-    assert root[1].isnan().all() and root[0].isfinite().all()
+    assert root[1:].isnan().all() and root[0].isfinite().all()
     root.sum().backward()
-    assert a.grad[1].isnan().all() and a.grad[0].isfinite().all()
+    assert a.grad[1:].isnan().all() and a.grad[0].isfinite().all()
 
 
 def test_weighted_covariance_equals_repeated_tokens():
