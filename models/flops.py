@@ -2,8 +2,8 @@
 
 Convention (fvcore's): one multiply-add of a matrix product or convolution is one FLOP; a
 LayerNorm costs 5 per element, an inference BatchNorm 2; elementwise activations, softmax,
-sorting, gathers, power iteration (multiply-sums) and the LAPACK calls of the Pade root's inverse
-(24 x 24 Cholesky factorisations and inverses, ~0.02 MFLOPs) are not counted.
+sorting, gathers and the LAPACK calls of the Pade root's inverse (24 x 24 Cholesky factorisations
+and inverses, ~0.02 MFLOPs) are not counted.
 """
 import warnings
 from dataclasses import dataclass
