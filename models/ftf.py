@@ -41,7 +41,7 @@ def spectral_scale(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     [1 - d^(1/4), 1) ([-1.63, 1) at d = 48), where the approximant is accurate and Q(Z) is
     well-conditioned. Erring low is what the approximant prefers: it is as exact at z = 1 - w as
     at z = 1 - 1/w, so small eigenvalues gain what large ones lose (root error 1.6e-6 on the
-    benchmark matrices, 9.5e-6 with a power-iteration estimate of lmax, 3.7e-3 with the
+    benchmark matrices, 9.5e-6 with a power-iteration estimate of lmax, 3.6e-3 with the
     Frobenius norm). A power iteration from a fixed start, in comparison, can fall far short
     when the start is nearly orthogonal to the top eigenvector (s = lmax / 13 in training once,
     too far for float32). A^2 is not wasted: it gives Z^2 without another product.
