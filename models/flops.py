@@ -77,7 +77,7 @@ def _sdpa_flops(inputs: List[Any], outputs: List[Any]) -> int:
 
 
 def _baddbmm_flops(inputs: List[Any], outputs: List[Any]) -> int:
-    """fvcore handle for aten::baddbmm (input + batch1 @ batch2): the product's multiply-adds."""
+    """fvcore handle for aten::baddbmm(_) (input + batch1 @ batch2): the product's multiply-adds."""
     from fvcore.nn.jit_handles import get_shape
     batch, n, k = get_shape(inputs[1])
     return batch * n * k * get_shape(inputs[2])[-1]
@@ -95,6 +95,7 @@ def fvcore_flops(model: nn.Module, img_size: int, device: torch.device = torch.d
         analysis = FlopCountAnalysis(model, image)
         analysis.set_op_handle('aten::scaled_dot_product_attention', _sdpa_flops)
         analysis.set_op_handle('aten::baddbmm', _baddbmm_flops)
+        analysis.set_op_handle('aten::baddbmm_', _baddbmm_flops)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         total = float(analysis.total())
     model.train(was_training)
