@@ -19,8 +19,9 @@ from typing import Callable, Dict, List, Tuple
 import timm
 import torch
 
-import models  # noqa: F401  (registers the SDT2Net models with timm)
+import models  # registers the SDT2Net models with timm
 from compression_schedule import load_schedule
+from losses import flops_penalty
 from models.ftf import add_ridge, eigh_sqrtm, pade_sqrtm, weighted_covariance
 from utils import timed
 
@@ -120,7 +121,8 @@ def benchmark_inference(args, device, autocast, images, full) -> Dict[str, float
         'sdt2net-S full keep (EAB+FTF)': sdt2net_small(True, True, full, device),
         'sdt2net-S ViT-S-DeiT 2.9 (EAB+FTF)': sdt2net_small(True, True, schedule, device),
     }
-    flops = {name: float(net.eval().flops()) if hasattr(net, 'rates') else None for name, net in nets.items()}
+    flops = {name: float(net.eval().flops()) if isinstance(net, models.SDT2Net) else models.fvcore_flops(net, 224, device)
+             for name, net in nets.items()}
 
     def infer(net):
         def run():
@@ -131,8 +133,7 @@ def benchmark_inference(args, device, autocast, images, full) -> Dict[str, float
     print(f'\ninference, batch {args.batch_size}, 224 px, {device.type}, amp {args.amp}')
     print(f'{"model":42s} {"GFLOPs":>8s} {"img/s":>9s}')
     for name, s in seconds.items():
-        g = f'{flops[name] / 1e9:8.3f}' if flops[name] else f'{"4.608":>8s}'
-        print(f'{name:42s} {g} {args.batch_size / s:9.1f}')
+        print(f'{name:42s} {flops[name] / 1e9:8.3f} {args.batch_size / s:9.1f}')
         results[f'img/s {name}'] = args.batch_size / s
     for variant in ('EAB/FTF off', 'EAB+FTF'):
         dense, compressed = f'sdt2net-S full keep ({variant})', f'sdt2net-S ViT-S-DeiT 2.9 ({variant})'
@@ -168,7 +169,7 @@ def benchmark_training(args, device, autocast, images) -> Dict[str, float]:
     def our_step():
         with autocast():
             loss = torch.nn.functional.cross_entropy(ours(x), y)
-        loss = loss + 5 * (ours.flops() / 1e9 - 3.0) ** 2
+        loss = loss + flops_penalty(ours.flops(), target_gflops=3.0, weight=5.0)
         weight_opt.zero_grad()
         arch_opt.zero_grad()
         loss.backward()
@@ -195,39 +196,45 @@ def benchmark_sqrt(args, device) -> Dict[str, float]:
         return run
     roots = measure({'pade': backward(pade_sqrtm), 'eigh': backward(eigh_sqrtm)}, device,
                     args.warmup, args.repeats * 4)
-    error = root_errors(a.detach())
+    error, gradient_error = root_error(a.detach()), root_gradient_error(a.detach())
     ratio = roots['eigh'] / roots['pade']
     results['pade speedup over eigh'] = ratio
-    results['pade max relative error'] = error['root']
-    results['pade max relative gradient error'] = error['gradient']
+    results['pade max relative error'] = error
+    results['pade max relative gradient error'] = gradient_error
     print(f'\nmatrix sqrt 64 x 48x48 fp32, fwd+bwd: Pade {roots["pade"] * 1e3:.2f} ms, eigh {roots["eigh"] * 1e3:.2f} ms: '
-          f'{ratio:.1f}x faster (target >= 3), max relative error {error["root"]:.1e} (target < 1e-3), '
-          f'gradient {error["gradient"]:.1e}')
+          f'{ratio:.1f}x faster (target >= 3), max relative error {error:.1e} (target < 1e-3), '
+          f'gradient {gradient_error:.1e}')
     # Covariances as the FTF head builds them (ReLU features of N tokens plus its ridge) have
     # eigenvalues down to the ridge (rank-deficient for N <= 48), where the approximant is least
     # exact. Their gradients are not compared: the exact root's blows up as 1 / sqrt(eigenvalue).
     for tokens in (196, 49):
         features = torch.relu(torch.randn(64, tokens, 48, device=device) + 0.3 * torch.randn(64, 1, 48, device=device))
-        covariance = add_ridge(weighted_covariance(features, torch.ones(64, tokens, 1, device=device)), 1e-5)
-        error = root_errors(covariance)
-        results[f'pade max relative error, {tokens}-token covariance'] = error['root']
-        print(f'  on covariances of {tokens} tokens: max relative error {error["root"]:.1e}')
+        covariance = add_ridge(weighted_covariance(features, torch.ones(64, tokens, 1, device=device)))
+        error = root_error(covariance)
+        results[f'pade max relative error, {tokens}-token covariance'] = error
+        print(f'  on covariances of {tokens} tokens: max relative error {error:.1e}')
     return results
 
 
-def root_errors(a: torch.Tensor) -> Dict[str, float]:
-    """Largest relative Frobenius errors of the Pade root and of its gradient (random upstream
-    gradient, symmetric directions) against a float64 eigendecomposition, a: [B, d, d] fp32."""
+def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest relative Frobenius error over the batch, x and reference: [B, d, d]."""
+    return float((torch.linalg.matrix_norm(x.double() - reference) / torch.linalg.matrix_norm(reference)).max())
+
+
+@torch.no_grad()
+def root_error(a: torch.Tensor) -> float:
+    """Error of the Pade root of a: [B, d, d] fp32 against a float64 eigendecomposition."""
+    return relative_error(pade_sqrtm(a), eigh_sqrtm(a.double()))
+
+
+def root_gradient_error(a: torch.Tensor) -> float:
+    """Error of the Pade root's gradient (random upstream gradient, symmetric directions) against
+    a float64 eigendecomposition's, a: [B, d, d] fp32."""
     upstream = torch.randn(a.shape, dtype=torch.float64, device=a.device)
     ours, exact = a.clone().requires_grad_(True), a.double().requires_grad_(True)
-    root, reference = pade_sqrtm(ours), eigh_sqrtm(exact)
-    grad, = torch.autograd.grad((root * upstream.float()).sum(), ours)
-    grad_reference, = torch.autograd.grad((reference * upstream).sum(), exact)
-    grad_reference = (grad_reference + grad_reference.transpose(1, 2)) / 2
-
-    def relative(x, y):
-        return float((torch.linalg.matrix_norm(x.double() - y) / torch.linalg.matrix_norm(y)).max())
-    return {'root': relative(root.detach(), reference.detach()), 'gradient': relative(grad, grad_reference)}
+    grad, = torch.autograd.grad((pade_sqrtm(ours) * upstream.float()).sum(), ours)
+    reference, = torch.autograd.grad((eigh_sqrtm(exact) * upstream).sum(), exact)
+    return relative_error(grad, (reference + reference.transpose(1, 2)) / 2)
 
 
 if __name__ == '__main__':

@@ -157,7 +157,7 @@ def measure_throughput(model: nn.Module, batch_size: int, image_size: int, devic
                        precision: Precision, repeats: int = 5, warmup: int = 2) -> float:
     """Images per second of the evaluation forward (median of `repeats` timed batches)."""
     model.eval()
-    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    images = torch.randn(batch_size, unwrap(model).in_chans, image_size, image_size, device=device)
 
     def forward():
         with precision.autocast():

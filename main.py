@@ -191,15 +191,14 @@ def weight_param_groups(model: models.SDT2Net, weight_decay: float):
 
 def configure_schedule(model: models.SDT2Net, args, ranges: Dict[str, float]) -> str:
     """Apply a fixed schedule if one is asked for, freeze the parameter groups the mode does not
-    train, and return the search mode ('alternate', 'arch' or 'weights')."""
+    train, and return the search mode ('alternate', 'joint', 'arch' or 'weights')."""
     fixed = args.load_compression_rate or args.fixed_schedule
     if not args.eval and not fixed and args.search_mode != 'weights' \
             and not ranges['minimum'] <= args.target_flops <= ranges['dense']:
         raise UserError(f'--target_flops {args.target_flops} is outside what {args.model} can reach at '
                         f'{args.input_size} px: [{ranges["minimum"]:.3f}, {ranges["dense"]:.3f}] GFLOPs')
     if args.load_compression_rate:
-        apply_schedule(model, *load_schedule(args.compression_rate_file, args.model, args.target_flops),
-                       args.compression_rate_file)
+        apply_file_schedule(model, args)
     elif args.fixed_schedule == 'dense':
         full = model.patch_embed.num_patches + 1
         model.set_kept_num([full] * len(model.blocks), [full] * len(model.blocks))
@@ -241,8 +240,7 @@ def resume_from(path: str, args, model, class_names, optimizers, schedulers, pre
     check_checkpoint_fits(state, path, args, class_names)
     model.load_state_dict(state['model'])
     if args.load_compression_rate:  # the file's schedule wins over the checkpoint's
-        apply_schedule(model, *load_schedule(args.compression_rate_file, args.model, args.target_flops),
-                       args.compression_rate_file)
+        apply_file_schedule(model, args)
     print(f'resumed from {path} (epoch {state["epoch"]})')
     if args.eval or 'optimizers' not in state:
         return args.start_epoch, 0.0
@@ -346,11 +344,13 @@ def main(args) -> None:
     print(f'training time {time.time() - start:.0f}s; outputs in {args.output_dir or "(no --output_dir)"}')
 
 
-def apply_schedule(model: models.SDT2Net, prune, merge, source: str) -> None:
+def apply_file_schedule(model: models.SDT2Net, args) -> None:
+    """Fix the schedule of --model at --target_flops from --compression-rate-file."""
+    prune, merge = load_schedule(args.compression_rate_file, args.model, args.target_flops)
     try:
         model.set_kept_num(prune, merge)
     except ValueError as error:
-        raise UserError(f'schedule from {source} does not fit the model: {error}') from None
+        raise UserError(f'schedule from {args.compression_rate_file} does not fit the model: {error}') from None
 
 
 def check_checkpoint_fits(state: Dict, path: str, args, class_names) -> None:

@@ -77,9 +77,9 @@ def seed_everything(seed: int) -> None:
 
 # --- RNG state as plain data (checkpoints load with weights_only=True) ---------------------------
 def rng_state() -> Dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state, py_state = np.random.get_state(), random.getstate()
     state = {
-        'python': [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        'python': [py_state[0], list(py_state[1]), py_state[2]],
         'numpy': [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         'torch': torch.get_rng_state(),
     }

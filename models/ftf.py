@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+RIDGE = 1e-5  # relative ridge added to the covariance before its root (see add_ridge)
+
 
 @lru_cache(maxsize=None)
 def pade_coefficients(m: int = 5, n: int = 5) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
@@ -215,7 +217,7 @@ def weighted_covariance(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return centred.transpose(1, 2) @ (centred * weight)
 
 
-def add_ridge(cov: torch.Tensor, eps: float) -> torch.Tensor:
+def add_ridge(cov: torch.Tensor, eps: float = RIDGE) -> torch.Tensor:
     """cov + eps * (mean eigenvalue + 1) * I, cov: [B, d, d]: keeps the root stable with few tokens."""
     trace = cov.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None]
     return cov + eps * (trace / cov.shape[-1] + 1.0) * torch.eye(cov.shape[-1], device=cov.device, dtype=cov.dtype)
@@ -224,7 +226,7 @@ def add_ridge(cov: torch.Tensor, eps: float) -> torch.Tensor:
 class SecondOrderHead(nn.Module):
     """Patch tokens [B, N, C] -> logits [B, num_classes] through covariance pooling."""
 
-    def __init__(self, embed_dim: int, num_classes: int, dim: int = 48, eps: float = 1e-5) -> None:
+    def __init__(self, embed_dim: int, num_classes: int, dim: int = 48, eps: float = RIDGE) -> None:
         super().__init__()
         self.dim = dim
         self.eps = eps
