@@ -223,6 +223,30 @@ def add_ridge(cov: torch.Tensor, eps: float = RIDGE) -> torch.Tensor:
     return cov + eps * (trace / cov.shape[-1] + 1.0) * torch.eye(cov.shape[-1], device=cov.device, dtype=cov.dtype)
 
 
+def masked_batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """Training-mode `bn` over the channels of x: [B, N, d], statistics from tokens where alive: [B, N].
+
+    Normalises, updates the running statistics and counts the batch exactly as `bn(x[alive])`
+    would, but every token comes out normalised: a masked token then weighs 0 in the
+    covariance yet its own features give the keep mask's straight-through gradient (zeros
+    there would ask what keeping an all-zero token changes). Masks instead of boolean indexing
+    also avoid a host-device synchronisation per step on GPU.
+    """
+    weight = alive.to(x.dtype)[..., None]  # [B, N, 1]
+    count = weight.sum()
+    mean = (x * weight).sum(dim=(0, 1)) / count  # [d]
+    centred = x - mean
+    var = (centred.square() * weight).sum(dim=(0, 1)) / count  # biased, as BN normalises with
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked
+            bn.running_mean.lerp_(mean, momentum)
+            bn.running_var.lerp_(var * count / (count - 1).clamp(min=1), momentum)  # unbiased
+    out = centred * torch.rsqrt(var + bn.eps)
+    return out * bn.weight + bn.bias if bn.affine else out
+
+
 class SecondOrderHead(nn.Module):
     """Patch tokens [B, N, C] -> logits [B, num_classes] through covariance pooling."""
 
@@ -247,14 +271,12 @@ class SecondOrderHead(nn.Module):
             dtype = torch.promote_types(tokens.dtype, torch.float32)  # float32 or better
             feat = self.reduce(tokens.to(dtype))  # [B, N, d]
             weight = size.to(dtype)
-            if mask is None:
+            if mask is None or not self.bn.training:
                 feat = self.bn(feat.transpose(1, 2)).transpose(1, 2)
             else:
                 # BN statistics from alive tokens only, as evaluation never sees the others.
-                alive = mask.detach() > 0
-                normed = feat.new_zeros(feat.shape)
-                normed[alive] = self.bn(feat[alive])
-                feat = normed
+                feat = masked_batch_norm(self.bn, feat, mask.detach() > 0)
+            if mask is not None:
                 weight = weight * mask.to(dtype)[..., None]
             root = pade_sqrtm(add_ridge(weighted_covariance(torch.relu(feat), weight), self.eps))
             return self.fc(root[:, self.triu_rows, self.triu_cols])

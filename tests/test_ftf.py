@@ -1,8 +1,10 @@
 """The second-order head: Pade square root against an eigendecomposition, gradients, weighting."""
+import copy
+
 import pytest
 import torch
 
-from models.ftf import SecondOrderHead, eigh_sqrtm, pade_sqrtm, spd_inverse, weighted_covariance
+from models.ftf import SecondOrderHead, eigh_sqrtm, masked_batch_norm, pade_sqrtm, spd_inverse, weighted_covariance
 
 
 def well_conditioned_covariances(batch: int, dim: int, dtype=torch.float64) -> torch.Tensor:
@@ -91,5 +93,36 @@ def test_head_ignores_masked_tokens_and_runs_in_float32_under_autocast():
     masked = head(tokens, size, mask)
     removed = head(tokens[:, :3], size[:, :3])
     torch.testing.assert_close(masked, removed, atol=1e-5, rtol=1e-5)
+    # in training too: batch statistics from the alive tokens, running statistics alike
+    masked_head, removed_head = head.train(), copy.deepcopy(head)
+    torch.testing.assert_close(masked_head(tokens, size, mask), removed_head(tokens[:, :3], size[:, :3]),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked_head.bn.running_var, removed_head.bn.running_var)
+    head.eval()
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert head(tokens, size).dtype == torch.float32
+
+
+@pytest.mark.parametrize('momentum', [0.1, None])
+def test_masked_batch_norm_equals_batch_norm_of_the_alive_tokens(momentum):
+    bn = torch.nn.BatchNorm1d(6, momentum=momentum).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.normal_()
+    reference = copy.deepcopy(bn)
+    x = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
+    alive = torch.rand(3, 7) < 0.6
+    upstream = torch.randn(3, 7, 6, dtype=torch.float64)
+    for _ in range(2):  # two steps: running statistics and the batch count accumulate
+        out = masked_batch_norm(bn, x, alive)
+        expected = reference(x[alive])
+        torch.testing.assert_close(out[alive], expected)
+        grads = torch.autograd.grad((out[alive] * upstream[alive]).sum(), [x, bn.weight, bn.bias])
+        expected_grads = torch.autograd.grad((expected * upstream[alive]).sum(), [x, reference.weight, reference.bias])
+        for ours, theirs in zip(grads, expected_grads):
+            torch.testing.assert_close(ours, theirs)
+    for name in ('running_mean', 'running_var', 'num_batches_tracked'):
+        torch.testing.assert_close(getattr(bn, name), getattr(reference, name))
+    # masked tokens are normalised with the alive statistics instead of being zeroed
+    mean, var = x[alive].mean(0), x[alive].var(0, unbiased=False)
+    torch.testing.assert_close(out[~alive], (x[~alive] - mean) / (var + bn.eps).sqrt() * bn.weight + bn.bias)
