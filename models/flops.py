@@ -38,8 +38,9 @@ def analytic_flops(shape: ModelShape, prune: torch.Tensor, merge: torch.Tensor) 
     """
     C, P = shape.embed_dim, shape.num_patches
     prune, merge = prune.double(), merge.double()
-    dense = prune.new_tensor(float(P + 1))
-    total = prune.new_tensor(float(P * C * shape.in_chans * shape.patch_size ** 2))  # patch embedding
+    # new_full fills on the device; new_tensor would copy from the host (a GPU sync per step)
+    dense = prune.new_full((), P + 1)
+    total = prune.new_full((), P * C * shape.in_chans * shape.patch_size ** 2)  # patch embedding
     eab = 4 * P * C * int(C * shape.eab_ratio) / shape.eab_groups if shape.eab_ratio else 0.0
     n_in = dense
     for block in range(shape.depth):

@@ -65,13 +65,15 @@ class CompressionRates(nn.Module):
             self._cache = (key, counts)
         return list(self._cache[1])
 
-    def token_masks(self, stage_counts: Sequence[int]) -> torch.Tensor:
+    def token_masks(self) -> torch.Tensor:
         """Straight-through keep masks over sorted positions, [S, N + 1].
 
         Forward: 1 for positions <= kept count (position 0 is the class token), else 0.
         Backward: gradient of P(position kept) = sum of probabilities of candidates >= position.
+        The counts are those of hard_stage_patches, recomputed on the device: copying the host's
+        list over would synchronise the GPU in every training step.
         """
-        counts = torch.tensor(stage_counts, device=self.positions.device, dtype=self.positions.dtype)
+        counts = self.stage_patches().detach()  # [S], integer-valued
         hard = (self.positions[None] <= counts[:, None]).to(self.logits.dtype)  # [S, N+1]
         soft = self.logits.softmax(dim=-1) @ self.keeps_position.T.to(self.logits.dtype)  # [S, N+1]
         soft = torch.where((self.fixed >= 0)[:, None], hard, soft)

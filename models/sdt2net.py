@@ -156,7 +156,7 @@ class SDT2Net(VisionTransformer):
         state = TokenState(alive=x.shape[1], grid_size=tuple(self.patch_embed.grid_size),
                            track_owner=return_owners or self.eab_ratio > 0)
         stages = self.rates.hard_stage_patches()  # kept patch counts, one host sync at most
-        masks = self.rates.token_masks(stages) if self.training else None  # [S, N + 1]
+        masks = self.rates.token_masks() if self.training else None  # [S, N + 1]
         owners = []
         for i, block in enumerate(self.blocks):
             kept = keep_masks = None

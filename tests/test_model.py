@@ -5,6 +5,7 @@ import os
 import pytest
 import timm
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
 from models.token_ops import merge_into
@@ -246,3 +247,34 @@ def test_uniform_schedule_merges_only_and_meets_the_target():
     steps = [a - b for a, b in zip(merge, merge[1:])]
     assert max(steps) - min(steps) <= 1, 'the same number of merges in every block'
     assert abs(float(model.flops().detach()) / 1e9 - 0.35) / 0.35 < 0.02
+
+
+class HostDeviceSyncs(TorchDispatchMode):
+    """Records operators that would stall a GPU: host reads of tensor values (item, int, bool),
+    nonzero and boolean-mask indexing (their output size lives on the device), and tensors
+    built from host data (a blocking host-to-device copy). Python scalars lifted to 0-d tensors
+    are not counted: `x[i] = 0.0` lifts one, and CUDA kernels take those by value."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket.__name__)
+        boolean_index = name == 'index' and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
+        host_data = name == 'lift_fresh' and args[0].dim() > 0
+        if name in ('_local_scalar_dense', 'nonzero', 'masked_select') or boolean_index or host_data:
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_fine_tuning_step_does_not_synchronise_host_and_device():
+    model = small_sdt2net().train()
+    model.set_kept_num(*COMPRESSED)
+    x = torch.randn(2, 3, 64, 64)
+    model(x)  # reads the fixed schedule once; it is cached from then on
+    with HostDeviceSyncs() as syncs:
+        loss = model(x).logsumexp(-1).sum() + model.flops() / 1e9
+        loss.backward()
+    assert syncs.found == []
