@@ -39,7 +39,7 @@ class CompressionRates(nn.Module):
         self.logits = nn.Parameter(torch.zeros(self.num_stages, len(candidates)))
         # Kept patch count fixed by set_kept_num (-1: learned). Stored in checkpoints.
         self.register_buffer('fixed', torch.full((self.num_stages,), -1, dtype=torch.long))
-        self._cache: Optional[Tuple[tuple, List[int]]] = None
+        self._cache: Optional[Tuple[tuple, torch.Tensor, List[int]]] = None  # key, counts on device, on host
 
     @property
     def is_fixed(self) -> bool:
@@ -56,24 +56,29 @@ class CompressionRates(nn.Module):
         counts = torch.where(self.fixed >= 0, self.fixed.to(counts.dtype), counts)
         return torch.cummin(counts, dim=0).values
 
-    def hard_stage_patches(self) -> List[int]:
-        """Integer kept patch counts (one host sync; cached while parameters are unchanged)."""
+    def _hard_counts(self) -> Tuple[torch.Tensor, List[int]]:
+        """stage_patches() without gradient, [S] on the device and as a host list (one host sync;
+        cached while the parameters and the fixed schedule are unchanged)."""
         key = (self.logits._version, self.fixed._version, self.logits.data_ptr(), self.fixed.data_ptr())
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
-                counts = [int(round(c)) for c in self.stage_patches().float().tolist()]
-            self._cache = (key, counts)
-        return list(self._cache[1])
+                counts = self.stage_patches()
+            self._cache = (key, counts, [int(round(c)) for c in counts.float().tolist()])
+        return self._cache[1], self._cache[2]
+
+    def hard_stage_patches(self) -> List[int]:
+        """Integer kept patch counts of every stage."""
+        return list(self._hard_counts()[1])
 
     def token_masks(self) -> torch.Tensor:
         """Straight-through keep masks over sorted positions, [S, N + 1].
 
         Forward: 1 for positions <= kept count (position 0 is the class token), else 0.
         Backward: gradient of P(position kept) = sum of probabilities of candidates >= position.
-        The counts are those of hard_stage_patches, recomputed on the device: copying the host's
-        list over would synchronise the GPU in every training step.
+        The counts are hard_stage_patches' own device tensor: copying the host's list over would
+        synchronise the GPU in every training step.
         """
-        counts = self.stage_patches().detach()  # [S], integer-valued
+        counts = self._hard_counts()[0]  # [S], integer-valued
         hard = (self.positions[None] <= counts[:, None]).to(self.logits.dtype)  # [S, N+1]
         soft = self.logits.softmax(dim=-1) @ self.keeps_position.T.to(self.logits.dtype)  # [S, N+1]
         soft = torch.where((self.fixed >= 0)[:, None], hard, soft)

@@ -260,7 +260,7 @@ class HostDeviceSyncs(TorchDispatchMode):
         self.found = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket.__name__)
+        name = func.overloadpacket.__name__
         boolean_index = name == 'index' and any(
             isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
         host_data = name == 'lift_fresh' and args[0].dim() > 0
