@@ -14,6 +14,7 @@ import ctypes.util
 import json
 import os
 import statistics
+import warnings
 from typing import Callable, Dict, List, Tuple
 
 import timm
@@ -181,7 +182,46 @@ def benchmark_training(args, device, autocast, images) -> Dict[str, float]:
     results['train step / timm'] = ratio
     print(f'\ntraining step, batch {batch}: timm DeiT-S {step["timm"] * 1e3:.0f} ms, SDT2Net-S (EAB/FTF off, '
           f'learned rates) {step["ours"] * 1e3:.0f} ms: {ratio:.2f}x (target <= 1.25)')
+    if device.type == 'cuda':
+        results.update(count_synchronisations(autocast, x, y))
     return results
+
+
+def count_synchronisations(autocast, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+    """CUDA synchronisations of one search step and one fine-tuning step of SDT2Net-S with EAB+FTF."""
+    model = timm.create_model('sdt2net_small_patch16_224', num_classes=1000).to(x.device).train()
+    weight_opt = torch.optim.AdamW(model.weight_parameters(), lr=1e-5)
+    arch_opt = torch.optim.AdamW(model.arch_parameters(), lr=1e-3)
+
+    def step():
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss = loss + flops_penalty(model.flops(), target_gflops=5.7, weight=5.0)
+        weight_opt.zero_grad()
+        arch_opt.zero_grad()
+        loss.backward()
+        weight_opt.step()
+        arch_opt.step()
+    step()  # optimizer state is created on the first step
+    search = cuda_synchronisations(step)
+    model.set_kept_num(*vit_s_2_9_schedule())
+    step()  # a fixed schedule's kept counts are read once, then cached
+    fine_tuning = cuda_synchronisations(step)
+    print(f'CUDA synchronisations per step (torch.cuda.set_sync_debug_mode, EAB+FTF): search {search} '
+          f'(expected 1: the kept counts), fine-tuning {fine_tuning} (expected 0)')
+    return {'cuda syncs per search step': search, 'cuda syncs per fine-tuning step': fine_tuning}
+
+
+def cuda_synchronisations(step: Callable[[], None]) -> int:
+    """Host-device synchronisations during one call of `step`, as PyTorch's sync debug mode reports them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    return sum('synchroniz' in str(w.message) for w in caught)
 
 
 def benchmark_sqrt(args, device) -> Dict[str, float]:

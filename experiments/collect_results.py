@@ -4,12 +4,16 @@ printed) and add the learned SDT2Net schedules, with their provenance, to compre
 Throughput is measured here again, for all runs side by side (round-robin, batch 32, 112 px, the
 process's default threads), because the evaluations of the runs overlapped with other training.
 
-    python experiments/collect_results.py output/nwpu [--write-schedules]
+    python experiments/collect_results.py output/nwpu [--write-schedules] [--seeds output/nwpu_seed1 ...]
+
+--seeds adds a second table: top-1 of each row over the main folder and folders of the same rows
+run with other seeds (`SEED=1 experiments/cpu_table.sh DATA OUT`), with mean and standard deviation.
 """
 import argparse
 import json
 import math
 import os
+import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,6 +40,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('runs', help='the OUT folder of experiments/cpu_table.sh')
     parser.add_argument('--write-schedules', action='store_true', help='add the schedules to compression_rate.json')
+    parser.add_argument('--seeds', nargs='+', default=[], metavar='OUT',
+                        help='folders of the same rows run with other seeds: adds a table over seeds')
     args = parser.parse_args()
     done = [name for name, _ in ROWS if os.path.isfile(os.path.join(args.runs, name, 'eval', 'eval_metrics.json'))]
     images = torch.randn(32, 3, 112, 112)
@@ -70,7 +76,29 @@ def main() -> int:
                               'top1': round(m['acc1'], 2), 'top1_std_error': round(noise, 2),
                               'kappa': round(m['kappa'], 4),
                               'command': f'experiments/cpu_table.sh (row {name})'})
+    if args.seeds:
+        print_seed_table([args.runs] + args.seeds)
     return 0
+
+
+def print_seed_table(folders) -> None:
+    """Top-1 of every row found in at least two of `folders` (one seed each), mean and sample sd."""
+    print(f'\n| run | top-1 (%) per seed | mean +- sd | GFLOPs (range) |')
+    print('|---|---|---|---|')
+    for name, description in ROWS:
+        metrics = []
+        for folder in folders:
+            path = os.path.join(folder, name, 'eval', 'eval_metrics.json')
+            if os.path.isfile(path):
+                seed = json.load(open(os.path.join(folder, name, 'args.json')))['seed']
+                metrics.append((seed, json.load(open(path))))
+        if len(metrics) < 2:
+            continue
+        top1 = [m['acc1'] for _, m in metrics]
+        gflops = [m['gflops'] for _, m in metrics]
+        per_seed = ', '.join(f'{m["acc1"]:.2f} (seed {seed})' for seed, m in metrics)
+        print(f'| {description} | {per_seed} | {statistics.mean(top1):.2f} +- {statistics.stdev(top1):.2f} | '
+              f'{min(gflops):.4f}-{max(gflops):.4f} |')
 
 
 if __name__ == '__main__':

@@ -3,7 +3,8 @@
 # pretrained weights can be downloaded on the machine it ran on), every row with the same
 # epochs, seed and recipe (searches in --search-mode joint, so that every row gets the same number
 # of weight updates); two rows run side by side with one thread each.
-# Usage: experiments/cpu_table.sh [DATA] [OUT] [EPOCHS]
+# Usage: [SEED=0] [ONLY="row names"] experiments/cpu_table.sh [DATA] [OUT] [EPOCHS]
+# SEED changes the initialisation, data order and augmentation; ONLY runs a subset of ROWS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/datasets/nwpu-resisc45}
@@ -13,7 +14,7 @@ PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1
 COMMON=(--data-path "$DATA" --model sdt2net_tiny_patch16_224 --input-size 112 --epochs "$EPOCHS"
         --batch-size 64 --lr 2e-3 --warmup-epochs 0 --drop-path 0.0 --aa none --mixup 0 --cutmix 0
-        --reprob 0 --arch-lr 0.01 --arch-min-lr 0.01 --seed 0 --num_workers 0 --print-freq 10)
+        --reprob 0 --arch-lr 0.01 --arch-min-lr 0.01 --seed "${SEED:-0}" --num_workers 0 --print-freq 10)
 
 row() {  # name, extra flags...: train, then evaluate the last checkpoint
   local name=$1; shift
@@ -34,6 +35,7 @@ ROWS=(
 worker() {  # takes the next row nobody has started (mkdir is the lock), until none is left
   for spec in "${ROWS[@]}"; do
     local name=${spec%%|*}
+    [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]] || continue
     mkdir "$OUT/$name" 2>/dev/null || continue
     # shellcheck disable=SC2086
     row "$name" ${spec#*|}

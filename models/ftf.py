@@ -7,7 +7,6 @@ linear classifier. The root has a hand-written backward pass and a products-only
 forward plus backward cost a fraction of an eigendecomposition (docs/benchmark.md). Everything
 runs in float32 or better, also under autocast.
 """
-from functools import lru_cache
 from typing import Optional, Tuple
 
 import numpy as np
@@ -18,7 +17,6 @@ from torch.autograd.function import once_differentiable
 RIDGE = 1e-5  # relative ridge added to the covariance before its root (see add_ridge)
 
 
-@lru_cache(maxsize=None)
 def pade_coefficients(m: int = 5, n: int = 5) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     """Coefficients (p, q) of the [m/n] Pade approximant of sqrt(1 - z) = P(z) / Q(z), q[0] = 1.
 
@@ -34,6 +32,9 @@ def pade_coefficients(m: int = 5, n: int = 5) -> Tuple[Tuple[float, ...], Tuple[
     q = np.concatenate([[1.0], np.linalg.solve(system, -taylor[m + 1:m + n + 1])])
     p = np.array([sum(q[j] * taylor[k - j] for j in range(0, min(k, n) + 1)) for k in range(m + 1)])
     return tuple(p.tolist()), tuple(q.tolist())
+
+
+PADE_P, PADE_Q = pade_coefficients(5, 5)  # the [5/5] approximant the root uses
 
 
 def spectral_scale(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -81,8 +82,8 @@ def spd_inverse(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     lower = schur_inv @ w                                                # S^-1 W: [B, n-h, h]
     out = torch.empty_like(a)
     out[:, :h, :h] = torch.baddbmm(top_inv, w.transpose(1, 2), lower)  # in place would loop: top_inv is column-major
-    torch.neg(lower, out=out[:, h:, :h])
-    out[:, :h, h:] = -lower.transpose(1, 2)
+    out[:, h:, :h] = -lower
+    out[:, :h, h:] = out[:, h:, :h].transpose(1, 2)
     out[:, h:, h:] = schur_inv
     return out, torch.maximum(top_info, schur_info)
 
@@ -115,7 +116,7 @@ def _pade_forward(a: torch.Tensor):
     L_p, H_p (same for Q): four matrix products, the last two fused with their addition. The
     constant p2 / q2 moves into the final scale, so the code works with Pn = P / p2, Qn = Q / q2.
     """
-    p, q = pade_coefficients(5, 5)
+    p, q = PADE_P, PADE_Q
     scale, a2 = spectral_scale(a)  # [B, 1, 1], [B, d, d]
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     z = torch.addcmul(eye, a, -scale.reciprocal())  # I - A / s
@@ -166,7 +167,7 @@ class _PadeSqrtm(torch.autograd.Function):
 
     @staticmethod
     def _backward(grad_root, z, z2, z3, ratio, denominator_inv, scale, gain):
-        p, q = pade_coefficients(5, 5)
+        p, q = PADE_P, PADE_Q
         # A and its root are symmetric: only the symmetric part of the upstream gradient counts.
         # G is taken as grad + grad^T; the factor 0.5 * gain is applied once, at the end.
         g = grad_root + grad_root.transpose(1, 2)                 # T_1 = G: [B, d, d]

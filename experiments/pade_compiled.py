@@ -1,0 +1,64 @@
+"""The Pade root compiled by torch.compile (inductor) against the eager root and eigh, side by side.
+
+Forward + backward, 64 x 48x48 fp32, the benchmark's matrices and a dense upstream gradient (as
+benchmark.py), median of round-robin calls after the compilation. The compiled function is
+`pade_sqrtm` itself: dynamo traces the hand-written backward of its autograd.Function. What it
+shows: how much of the root's time is elementwise work and operator dispatch that fusion removes
+(docs/benchmark.md, "A fourth look"), and why the compiled root is not what the model uses.
+
+    python experiments/pade_compiled.py
+    python experiments/pade_compiled.py --mode max-autotune-no-cudagraphs
+    python experiments/pade_compiled.py --cpp-wrapper
+"""
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from benchmark import measure, retain_freed_memory  # noqa: E402
+from models.ftf import eigh_sqrtm, pade_sqrtm  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--mode', default=None, help="torch.compile mode (default: inductor's default)")
+    parser.add_argument('--cpp-wrapper', action='store_true', help='inductor calls its kernels from C++, not Python')
+    parser.add_argument('--repeats', type=int, default=200)
+    args = parser.parse_args()
+    retain_freed_memory()
+    if args.cpp_wrapper:
+        import torch._inductor.config as inductor_config
+        inductor_config.cpp_wrapper = True
+    torch.manual_seed(0)
+    a = torch.randn(64, 4 * 48, 48)
+    a = (a.transpose(1, 2) @ a / (4 * 48) + 0.1 * torch.eye(48)).requires_grad_(True)
+    upstream = torch.randn(a.shape)
+    compiled = torch.compile(pade_sqrtm, fullgraph=True, dynamic=False, mode=args.mode)
+
+    def gradient(fn):
+        torch.autograd.backward(fn(a), upstream)
+        grad, a.grad = a.grad, None
+        return grad
+
+    start = time.perf_counter()
+    compiled_grad = gradient(compiled)  # compiles forward and backward (or loads them from inductor's cache)
+    compile_seconds = time.perf_counter() - start
+    eager_grad = gradient(pade_sqrtm)
+    with torch.no_grad():
+        value_difference = float((compiled(a) - pade_sqrtm(a)).norm() / pade_sqrtm(a).norm())
+    seconds = measure({'eager': lambda: gradient(pade_sqrtm), 'compiled': lambda: gradient(compiled),
+                       'eigh': lambda: gradient(eigh_sqrtm)}, torch.device('cpu'), warmup=5, repeats=args.repeats)
+    print(f'first call (compilation) {compile_seconds:.1f} s; compiled against eager: value {value_difference:.1e}, '
+          f'gradient {float((compiled_grad - eager_grad).norm() / eager_grad.norm()):.1e} (relative)')
+    for name, s in seconds.items():
+        print(f'{name:9s} fwd+bwd {s * 1e3:6.2f} ms   eigh / {name}: {seconds["eigh"] / s:.2f}x')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
