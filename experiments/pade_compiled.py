@@ -1,9 +1,9 @@
 """The Pade root compiled by torch.compile (inductor) against the eager root and eigh, side by side.
 
 Forward + backward, 64 x 48x48 fp32, the benchmark's matrices and a dense upstream gradient (as
-benchmark.py), median of round-robin calls after the compilation. The compiled function is
-`pade_sqrtm` itself: dynamo traces the hand-written backward of its autograd.Function. What it
-shows: how much of the root's time is elementwise work and operator dispatch that fusion removes
+benchmark.py), median of round-robin calls after the compilation. Two ways: `pade_sqrtm` itself
+(dynamo traces the hand-written backward of its autograd.Function), and its forward and backward
+functions compiled as two separate graphs inside an autograd.Function. What it shows: how much of the root's time is elementwise work and operator dispatch that fusion removes
 (docs/benchmark.md, "A fourth look"), and why the compiled root is not what the model uses.
 
     python experiments/pade_compiled.py
@@ -21,7 +21,24 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from benchmark import measure, retain_freed_memory  # noqa: E402
-from models.ftf import eigh_sqrtm, pade_sqrtm  # noqa: E402
+from models.ftf import _pade_forward, _PadeSqrtm, eigh_sqrtm, pade_sqrtm  # noqa: E402
+
+
+def compiled_in_parts(**options):
+    """pade_sqrtm with its forward and its backward compiled as two graphs."""
+    forward, backward = torch.compile(_pade_forward, **options), torch.compile(_PadeSqrtm._backward, **options)
+
+    class CompiledParts(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            root, saved = forward(a)
+            ctx.save_for_backward(*saved)
+            return root
+
+        @staticmethod
+        def backward(ctx, grad_root):
+            return backward(grad_root, *ctx.saved_tensors)
+    return CompiledParts.apply
 
 
 def main() -> int:
@@ -38,7 +55,8 @@ def main() -> int:
     a = torch.randn(64, 4 * 48, 48)
     a = (a.transpose(1, 2) @ a / (4 * 48) + 0.1 * torch.eye(48)).requires_grad_(True)
     upstream = torch.randn(a.shape)
-    compiled = torch.compile(pade_sqrtm, fullgraph=True, dynamic=False, mode=args.mode)
+    options = dict(fullgraph=True, dynamic=False, mode=args.mode)
+    compiled, parts = torch.compile(pade_sqrtm, **options), compiled_in_parts(**options)
 
     def gradient(fn):
         torch.autograd.backward(fn(a), upstream)
@@ -48,12 +66,13 @@ def main() -> int:
     start = time.perf_counter()
     compiled_grad = gradient(compiled)  # compiles forward and backward (or loads them from inductor's cache)
     compile_seconds = time.perf_counter() - start
+    gradient(parts)
     eager_grad = gradient(pade_sqrtm)
     with torch.no_grad():
         value_difference = float((compiled(a) - pade_sqrtm(a)).norm() / pade_sqrtm(a).norm())
     seconds = measure({'eager': lambda: gradient(pade_sqrtm), 'compiled': lambda: gradient(compiled),
-                       'eigh': lambda: gradient(eigh_sqrtm)}, torch.device('cpu'), warmup=5, repeats=args.repeats)
-    print(f'first call (compilation) {compile_seconds:.1f} s; compiled against eager: value {value_difference:.1e}, '
+                       'parts': lambda: gradient(parts), 'eigh': lambda: gradient(eigh_sqrtm)}, torch.device('cpu'), warmup=5, repeats=args.repeats)
+    print(f'first call of the whole (compilation) {compile_seconds:.1f} s; compiled against eager: value {value_difference:.1e}, '
           f'gradient {float((compiled_grad - eager_grad).norm() / eager_grad.norm()):.1e} (relative)')
     for name, s in seconds.items():
         print(f'{name:9s} fwd+bwd {s * 1e3:6.2f} ms   eigh / {name}: {seconds["eigh"] / s:.2f}x')
