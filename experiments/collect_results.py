@@ -82,24 +82,31 @@ def main() -> int:
 
 
 def print_seed_table(folders) -> None:
-    """Top-1 of every row found in at least two of `folders` (one seed each), mean and sample sd."""
-    print(f'\n| run | top-1 (%) per seed | mean +- sd | GFLOPs (range) |')
-    print('|---|---|---|---|')
-    for name, description in ROWS:
-        metrics = []
+    """Top-1 of every row found in at least two of `folders` (one seed each), mean and sample sd,
+    and its difference to the dense row of the same seed (seeds move all rows together)."""
+    def top1_by_seed(name):  # seed -> metrics of the row's run with that seed
+        runs = {}
         for folder in folders:
             path = os.path.join(folder, name, 'eval', 'eval_metrics.json')
             if os.path.isfile(path):
-                seed = json.load(open(os.path.join(folder, name, 'args.json')))['seed']
-                metrics.append((seed, json.load(open(path))))
-        if len(metrics) < 2:
+                runs[json.load(open(os.path.join(folder, name, 'args.json')))['seed']] = json.load(open(path))
+        return runs
+    dense = top1_by_seed(ROWS[0][0])
+    print('\n| run | top-1 (%) per seed | mean +- sd | minus dense, per seed (mean) | GFLOPs (range) |')
+    print('|---|---|---|---|---|')
+    for name, description in ROWS:
+        runs = top1_by_seed(name)
+        if len(runs) < 2:
             continue
-        top1 = [m['acc1'] for _, m in metrics]
-        gflops = [m['gflops'] for _, m in metrics]
-        per_seed = ', '.join(f'{m["acc1"]:.2f} (seed {seed})' for seed, m in metrics)
-        print(f'| {description} | {per_seed} | {statistics.mean(top1):.2f} +- {statistics.stdev(top1):.2f} | '
+        top1 = [m['acc1'] for m in runs.values()]
+        gflops = [m['gflops'] for m in runs.values()]
+        per_seed = ' / '.join(f'{m["acc1"]:.2f}' for m in runs.values())
+        gains = [m['acc1'] - dense[seed]['acc1'] for seed, m in runs.items() if seed in dense]
+        gain_text = f'{" / ".join(f"{g:+.2f}" for g in gains)} ({statistics.mean(gains):+.2f})' \
+            if gains and name != ROWS[0][0] else '-'
+        print(f'| {description} | {per_seed} (seeds {", ".join(map(str, runs))}) | '
+              f'{statistics.mean(top1):.2f} +- {statistics.stdev(top1):.2f} | {gain_text} | '
               f'{min(gflops):.4f}-{max(gflops):.4f} |')
-
 
 if __name__ == '__main__':
     sys.exit(main())
