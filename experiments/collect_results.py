@@ -7,7 +7,8 @@ process's default threads), because the evaluations of the runs overlapped with 
     python experiments/collect_results.py output/nwpu [--write-schedules] [--seeds output/nwpu_seed1 ...]
 
 --seeds adds a second table: top-1 of each row over the main folder and folders of the same rows
-run with other seeds (`SEED=1 experiments/cpu_table.sh DATA OUT`), with mean and standard deviation.
+run with other seeds (`SEED=1 experiments/cpu_table.sh DATA OUT`), with mean and standard deviation,
+and each run's difference to the dense run of the same seed.
 """
 import argparse
 import json
@@ -83,7 +84,7 @@ def main() -> int:
 
 def print_seed_table(folders) -> None:
     """Top-1 of every row found in at least two of `folders` (one seed each), mean and sample sd,
-    and its difference to the dense row of the same seed (seeds move all rows together)."""
+    and its difference to the dense row of the same seed (seeds move the rows largely together)."""
     def top1_by_seed(name):  # seed -> metrics of the row's run with that seed
         runs = {}
         for folder in folders:
@@ -107,6 +108,7 @@ def print_seed_table(folders) -> None:
         print(f'| {description} | {per_seed} (seeds {", ".join(map(str, runs))}) | '
               f'{statistics.mean(top1):.2f} +- {statistics.stdev(top1):.2f} | {gain_text} | '
               f'{min(gflops):.4f}-{max(gflops):.4f} |')
+
 
 if __name__ == '__main__':
     sys.exit(main())
