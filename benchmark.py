@@ -224,9 +224,7 @@ def cuda_synchronisations(step: Callable[[], None]) -> int:
 def benchmark_sqrt(args, device) -> Dict[str, float]:
     """Pade square root against an eigendecomposition, forward + backward, 64 x 48x48 fp32."""
     results = {}
-    torch.manual_seed(0)  # the same matrices whichever parts ran before
-    a = torch.randn(64, 4 * 48, 48, device=device)
-    a = (a.transpose(1, 2) @ a / (4 * 48) + 0.1 * torch.eye(48, device=device)).requires_grad_(True)
+    a = root_benchmark_matrices(device).requires_grad_(True)
 
     # A dense upstream gradient, as the head's classifier sends back; `.sum()` would send an
     # expanded tensor of ones, which makes eigh's backward slower than in training (docs).
@@ -258,6 +256,16 @@ def benchmark_sqrt(args, device) -> Dict[str, float]:
         results[f'pade max relative error, {tokens}-token covariance'] = error
         print(f'  on covariances of {tokens} tokens: max relative error {error:.1e}')
     return results
+
+
+def root_benchmark_matrices(device) -> torch.Tensor:
+    """The root benchmark's input, [64, 48, 48] fp32: well-conditioned Wishart matrices plus 0.1 I.
+
+    Seeded, so that they are the same whichever parts ran before (and in experiments/).
+    """
+    torch.manual_seed(0)
+    a = torch.randn(64, 4 * 48, 48, device=device)
+    return a.transpose(1, 2) @ a / (4 * 48) + 0.1 * torch.eye(48, device=device)
 
 
 def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:

@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from benchmark import measure, retain_freed_memory  # noqa: E402
+from benchmark import measure, retain_freed_memory, root_benchmark_matrices  # noqa: E402
 from models.ftf import _pade_forward, _PadeSqrtm, eigh_sqrtm, pade_sqrtm  # noqa: E402
 
 
@@ -51,9 +51,7 @@ def main() -> int:
     if args.cpp_wrapper:
         import torch._inductor.config as inductor_config
         inductor_config.cpp_wrapper = True
-    torch.manual_seed(0)
-    a = torch.randn(64, 4 * 48, 48)
-    a = (a.transpose(1, 2) @ a / (4 * 48) + 0.1 * torch.eye(48)).requires_grad_(True)
+    a = root_benchmark_matrices(torch.device('cpu')).requires_grad_(True)
     upstream = torch.randn(a.shape)
     options = dict(fullgraph=True, dynamic=False, mode=args.mode)
     compiled, parts = torch.compile(pade_sqrtm, **options), compiled_in_parts(**options)

@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from benchmark import retain_freed_memory  # noqa: E402
+from benchmark import retain_freed_memory, root_benchmark_matrices  # noqa: E402
 from models import ftf  # noqa: E402
 
 
@@ -50,9 +50,7 @@ def main() -> int:
     if not args.fresh_allocator:
         retain_freed_memory()
     old = load_revision(args.revision)
-    torch.manual_seed(0)
-    a = torch.randn(64, 4 * 48, 48)
-    a = (a.transpose(1, 2) @ a / (4 * 48) + 0.1 * torch.eye(48)).requires_grad_(True)
+    a = root_benchmark_matrices(torch.device('cpu')).requires_grad_(True)
     matrices = a.detach()
 
     def forward_backward(fn):
