@@ -278,3 +278,30 @@ def test_fine_tuning_step_does_not_synchronise_host_and_device():
         loss = model(x).logsumexp(-1).sum() + model.flops() / 1e9
         loss.backward()
     assert syncs.found == []
+
+
+@pytest.mark.parametrize('fixed', [True, False])
+def test_every_tensor_is_made_on_the_model_device(monkeypatch, fixed):
+    """Forward, FLOPs and backward on the `meta` device, which refuses to mix with CPU tensors:
+    a tensor made on a fixed device (torch.zeros(n) without device=) would fail the same way on
+    a GPU. Meta tensors hold no values, so the kept counts come from a CPU copy of the rates, and
+    autocast (which knows no meta device) is told it runs on CPU."""
+    model = small_sdt2net().train()
+    if fixed:
+        model.set_kept_num(*COMPRESSED)
+    with torch.no_grad():
+        model.rates.logits.normal_()  # a learned schedule that compresses
+    host_rates = model.rates.hard_stage_patches()
+    model = model.to('meta')
+    device_counts = torch.tensor(host_rates, dtype=torch.float32, device='meta')
+    monkeypatch.setattr(type(model.rates), '_hard_counts', lambda self: (device_counts, host_rates))
+    cpu_autocast = torch.autocast
+    monkeypatch.setattr(torch, 'autocast', lambda device_type, **kw: cpu_autocast(
+        'cpu' if device_type == 'meta' else device_type, **kw))
+    x = torch.randn(2, 3, 64, 64, device='meta')
+    loss = model(x).logsumexp(-1).sum() + model.flops() / 1e9
+    loss.backward()
+    assert model.rates.logits.grad.device.type == 'meta'
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (2, 5)
