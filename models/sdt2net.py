@@ -125,7 +125,11 @@ class SDT2Net(VisionTransformer):
         return [p for p in self.parameters() if id(p) not in arch]
 
     def get_kept_num(self) -> Tuple[List[int], List[int]]:
-        """(prune, merge) kept counts per block, class token included (197 = all at 224 px)."""
+        """(prune, merge) kept counts per block, class token included (197 = all at 224 px).
+
+        A new model's rates are DiffRate's search start (uniform distributions, 101 of 197 kept
+        from block 1 on); set_kept_num with full counts gives the dense model.
+        """
         return self.rates.kept_num()
 
     def set_kept_num(self, prune: List[int], merge: List[int]) -> None:
