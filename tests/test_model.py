@@ -150,7 +150,7 @@ def test_rate_only_search_reaches_flops_target():
     for p in model.weight_parameters():
         p.requires_grad_(False)
     model.set_kept_num([65] * 4, [65] * 4)
-    dense = float(model.flops())
+    dense = float(model.flops().detach())
     model.rates.release()
     target = 0.5 * dense
     optimizer = torch.optim.Adam(model.arch_parameters(), lr=0.05)
