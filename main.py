@@ -25,9 +25,9 @@ from compression_schedule import DEFAULT_FILE, diffrate_key, load_schedule, save
 from datasets import UnreadableImageError, build_dataset, build_samplers
 from engine import Precision, SearchObjective, evaluate, measure_throughput, train_one_epoch
 from losses import build_criterion
-from utils import (NonFiniteLossError, UserError, append_json_line, atomic_torch_save, atomic_write_text,
-                   get_world_size, init_distributed, is_distributed, is_main_process, load_checkpoint,
-                   rng_state, seed_everything, set_rng_state, unwrap)
+from utils import (NonFiniteLossError, ReplicasDisagreeError, UserError, append_json_line, atomic_torch_save,
+                   atomic_write_text, check_replicas_agree, get_world_size, init_distributed, is_distributed,
+                   is_main_process, load_checkpoint, rng_state, seed_everything, set_rng_state, unwrap)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -325,6 +325,9 @@ def main(args) -> None:
         train_stats = train_one_epoch(model, criterion, train_loader, len(train_loader), optimizers, objective,
                                       device, precision, epoch, mixup_fn, args.clip_grad, model_ema,
                                       args.print_freq)
+        check_replicas_agree(core.rates.logits, 'rate parameters')  # before anything is saved
+        if is_distributed() and is_main_process():
+            print(f'rate parameters identical on all {get_world_size()} processes')
         test_stats = evaluate(core, val_loader, len(val_loader), num_classes, device, precision,
                               reduce=is_distributed() and args.dist_eval, print_freq=args.print_freq)
         prune, merge = core.get_kept_num()
@@ -420,7 +423,7 @@ def run(argv=None) -> int:
     except UnreadableImageError as error:
         print(f'error: {str(error).strip().splitlines()[-1]}', file=sys.stderr)
         return 2
-    except NonFiniteLossError as error:
+    except (NonFiniteLossError, ReplicasDisagreeError) as error:
         print(f'error: {error}; stopped, the last checkpoint is kept', file=sys.stderr)
         return 1
     finally:

@@ -20,6 +20,10 @@ class NonFiniteLossError(Exception):
     """The loss became NaN or infinite: the run stops, earlier checkpoints are kept."""
 
 
+class ReplicasDisagreeError(Exception):
+    """Processes of one run hold different values of what DDP should keep identical."""
+
+
 # --- distributed ------------------------------------------------------------------------------
 def init_distributed(device_arg: Optional[str]) -> torch.device:
     """Join the torchrun process group if launched by torchrun; return this process's device."""
@@ -60,6 +64,21 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor)
     return tensor
+
+
+def check_replicas_agree(tensor: torch.Tensor, what: str) -> None:
+    """Raise ReplicasDisagreeError unless every process holds the same `tensor` (bit for bit).
+
+    DDP starts every process from rank 0's parameters and averages gradients, so replicas stay
+    identical as long as every step does the same on every process; this checks that they did.
+    """
+    if not is_distributed():
+        return
+    gathered = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(gathered, tensor.detach().contiguous())
+    differing = [rank for rank, value in enumerate(gathered) if not torch.equal(value, gathered[0])]
+    if differing:
+        raise ReplicasDisagreeError(f'the {what} of process(es) {differing} differ from those of process 0')
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import main as entry
+import utils
 import visualize
 from compression_schedule import load_schedule
 from conftest import REFERENCE_SCHEDULES, ROOT
@@ -116,10 +117,35 @@ def test_torchrun_two_cpu_processes_gloo(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert 'rate parameters identical on all 2 processes' in result.stdout
     record = json.loads(open(out / 'log.txt').read().splitlines()[0])
     assert record['test_num_images'] == 7, 'distributed evaluation counts each image exactly once'
     state = torch.load(out / 'checkpoint.pth', weights_only=True)
     assert 'rates.logits' in state['model']
+
+
+def _compare_across_two_processes(rank, port, perturb, outcomes):
+    torch.distributed.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    logits = torch.arange(6.0).view(2, 3)
+    if perturb and rank == 1:
+        logits[1, 2] += 1e-6
+    try:
+        utils.check_replicas_agree(logits, 'rate parameters')
+        outcomes[rank] = 'agree'
+    except utils.ReplicasDisagreeError as error:
+        outcomes[rank] = str(error)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize('perturb', [False, True])
+def test_replica_check_finds_a_process_that_drifted(perturb):
+    manager = torch.multiprocessing.Manager()
+    outcomes = manager.dict()
+    port = 29540 + perturb
+    torch.multiprocessing.spawn(_compare_across_two_processes, args=(port, perturb, outcomes), nprocs=2)
+    expected = 'the rate parameters of process(es) [1] differ from those of process 0' if perturb else 'agree'
+    assert dict(outcomes) == {0: expected, 1: expected}
 
 
 @pytest.mark.skipif(not os.path.exists(REFERENCE_SCHEDULES), reason='shared reference schedules not present')
