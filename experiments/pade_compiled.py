@@ -3,7 +3,8 @@
 Forward + backward, 64 x 48x48 fp32, the benchmark's matrices and a dense upstream gradient (as
 benchmark.py), median of round-robin calls after the compilation. Two ways: `pade_sqrtm` itself
 (dynamo traces the hand-written backward of its autograd.Function), and its forward and backward
-functions compiled as two separate graphs inside an autograd.Function. What it shows: how much of the root's time is elementwise work and operator dispatch that fusion removes
+functions compiled as two separate graphs inside an autograd.Function. What it shows: how much
+of the root's time is elementwise work and operator dispatch that fusion removes
 (docs/benchmark.md, "A fourth look"), and why the compiled root is not what the model uses.
 
     python experiments/pade_compiled.py
@@ -14,6 +15,7 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -68,10 +70,12 @@ def main() -> int:
     eager_grad = gradient(pade_sqrtm)
     with torch.no_grad():
         value_difference = float((compiled(a) - pade_sqrtm(a)).norm() / pade_sqrtm(a).norm())
-    seconds = measure({'eager': lambda: gradient(pade_sqrtm), 'compiled': lambda: gradient(compiled),
-                       'parts': lambda: gradient(parts), 'eigh': lambda: gradient(eigh_sqrtm)}, torch.device('cpu'), warmup=5, repeats=args.repeats)
-    print(f'first call of the whole (compilation) {compile_seconds:.1f} s; compiled against eager: value {value_difference:.1e}, '
-          f'gradient {float((compiled_grad - eager_grad).norm() / eager_grad.norm()):.1e} (relative)')
+    roots = {'eager': pade_sqrtm, 'compiled': compiled, 'parts': parts, 'eigh': eigh_sqrtm}
+    seconds = measure({name: partial(gradient, root) for name, root in roots.items()}, torch.device('cpu'),
+                      warmup=5, repeats=args.repeats)
+    gradient_difference = float((compiled_grad - eager_grad).norm() / eager_grad.norm())
+    print(f'first call of the whole (compilation) {compile_seconds:.1f} s; compiled against eager: '
+          f'value {value_difference:.1e}, gradient {gradient_difference:.1e} (relative)')
     for name, s in seconds.items():
         print(f'{name:9s} fwd+bwd {s * 1e3:6.2f} ms   eigh / {name}: {seconds["eigh"] / s:.2f}x')
     return 0

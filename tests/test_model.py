@@ -282,10 +282,10 @@ def test_fine_tuning_step_does_not_synchronise_host_and_device():
 
 @pytest.mark.parametrize('fixed', [True, False])
 def test_every_tensor_is_made_on_the_model_device(monkeypatch, fixed):
-    """Forward, FLOPs and backward on the `meta` device, which refuses to mix with CPU tensors:
-    a tensor made on a fixed device (torch.zeros(n) without device=) would fail the same way on
-    a GPU. Meta tensors hold no values, so the kept counts come from a CPU copy of the rates, and
-    autocast (which knows no meta device) is told it runs on CPU."""
+    """Forward, FLOPs, backward and evaluation on the `meta` device, which refuses to mix with CPU
+    tensors: a tensor made on a fixed device (torch.zeros(n) without device=) would fail the same
+    way on a GPU. Meta tensors hold no values, so the kept counts come from a CPU copy of the
+    rates, and autocast (which knows no meta device) is told it runs on CPU."""
     model = small_sdt2net().train()
     if fixed:
         model.set_kept_num(*COMPRESSED)
