@@ -15,7 +15,7 @@ import json
 import os
 import statistics
 import warnings
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List
 
 import timm
 import torch
@@ -29,12 +29,13 @@ from utils import timed
 ROOT = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = os.path.join(ROOT, '..', 'shared', 'reference', 'diffrate_compression_rate.json')
 # DiffRate's published ViT-S-DeiT schedule at 2.9 GFLOPs, for machines without the reference file.
-VIT_S_2_9 = ([197, 196, 190, 168, 150, 139, 129, 117, 99, 78, 58, 3],
-             [197, 194, 176, 156, 141, 133, 121, 107, 88, 64, 56, 3])
+VIT_S_2_9 = models.Schedule([197, 196, 190, 168, 150, 139, 129, 117, 99, 78, 58, 3],
+                            [197, 194, 176, 156, 141, 133, 121, 107, 88, 64, 56, 3]).running_min()
+FULL = models.Schedule.dense(12, 196)
 
 
-def vit_s_2_9_schedule() -> Tuple[List[int], List[int]]:
-    """(prune, merge) kept counts of ViT-S-DeiT at 2.9 GFLOPs, from the reference file if present."""
+def vit_s_2_9_schedule() -> models.Schedule:
+    """ViT-S-DeiT at 2.9 GFLOPs, from the reference file if present."""
     if os.path.exists(REFERENCE):
         return load_schedule(REFERENCE, 'sdt2net_small_patch16_224', 2.9)
     return VIT_S_2_9
@@ -52,9 +53,9 @@ def measure(cases: Dict[str, Callable[[], None]], device, warmup: int, repeats: 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def sdt2net_small(eab: bool, ftf: bool, schedule, device) -> torch.nn.Module:
+def sdt2net_small(eab: bool, ftf: bool, schedule: models.Schedule, device) -> models.SDT2Net:
     model = timm.create_model('sdt2net_small_patch16_224', eab=eab, ftf=ftf, num_classes=1000).to(device)
-    model.set_kept_num(*schedule)
+    model.fix_schedule(schedule)
     return model
 
 
@@ -80,7 +81,9 @@ def retain_freed_memory() -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--batch-size', type=int, default=32, help='batch of the training and root parts')
+    parser.add_argument('--inference-batches', type=int, nargs='+', default=[1, 32],
+                        help='batch sizes of the inference part')
     parser.add_argument('--train-batch-size', type=int, default=None, help='default: --batch-size')
     parser.add_argument('--amp', default='none', choices=['none', 'bf16'], help='autocast dtype (GPU)')
     parser.add_argument('--warmup', type=int, default=2)
@@ -97,12 +100,12 @@ def main() -> None:
     torch.manual_seed(0)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == 'bf16' \
         else contextlib.nullcontext
-    full = ([197] * 12, [197] * 12)
     images = torch.randn(args.batch_size, 3, 224, 224, device=device)
     results: Dict[str, float] = {}
 
     if 'inference' in args.parts:
-        results.update(benchmark_inference(args, device, autocast, images, full))
+        for batch in args.inference_batches:
+            results.update(benchmark_inference(args, device, autocast, batch))
     if 'train' in args.parts:
         results.update(benchmark_training(args, device, autocast, images))
     if 'sqrt' in args.parts:
@@ -112,18 +115,25 @@ def main() -> None:
             json.dump({'device': str(device), 'batch_size': args.batch_size, 'amp': args.amp, **results}, f, indent=1)
 
 
-def benchmark_inference(args, device, autocast, images, full) -> Dict[str, float]:
-    """Compression speedup against the FLOPs ratio, and full keep against timm's DeiT-S."""
+def benchmark_inference(args, device, autocast, batch: int) -> Dict[str, float]:
+    """Compression speedup against the FLOPs ratio, full keep against timm's DeiT-S, and the full
+    model (EAB+FTF) at DeiT-S's FLOPs against DeiT-S: the same work should take the same time."""
     results = {}
+    images = torch.randn(batch, 3, 224, 224, device=device)
     schedule = vit_s_2_9_schedule()
+    timm_net = timm.create_model('deit_small_patch16_224').to(device)
+    timm_gflops = models.fvcore_flops(timm_net, 224, device) / 1e9
+    full_model_shape = sdt2net_small(True, True, FULL, torch.device('cpu')).shape()
+    at_deit_flops = models.uniform_schedule(full_model_shape, timm_gflops)  # ToMe-style merges
     nets = {
-        'timm deit_small_patch16_224': timm.create_model('deit_small_patch16_224').to(device),
-        'sdt2net-S full keep (EAB/FTF off)': sdt2net_small(False, False, full, device),
+        'timm deit_small_patch16_224': timm_net,
+        'sdt2net-S full keep (EAB/FTF off)': sdt2net_small(False, False, FULL, device),
         'sdt2net-S ViT-S-DeiT 2.9 (EAB/FTF off)': sdt2net_small(False, False, schedule, device),
-        'sdt2net-S full keep (EAB+FTF)': sdt2net_small(True, True, full, device),
+        'sdt2net-S full keep (EAB+FTF)': sdt2net_small(True, True, FULL, device),
         'sdt2net-S ViT-S-DeiT 2.9 (EAB+FTF)': sdt2net_small(True, True, schedule, device),
+        'sdt2net-S at DeiT-S FLOPs (EAB+FTF)': sdt2net_small(True, True, at_deit_flops, device),
     }
-    flops = {name: float(net.eval().flops()) if isinstance(net, models.SDT2Net) else models.fvcore_flops(net, 224, device)
+    flops = {name: float(net.eval().flops()) if isinstance(net, models.SDT2Net) else timm_gflops * 1e9
              for name, net in nets.items()}
 
     def infer(net):
@@ -132,21 +142,25 @@ def benchmark_inference(args, device, autocast, images, full) -> Dict[str, float
                 net(images)
         return run
     seconds = measure({name: infer(net.eval()) for name, net in nets.items()}, device, args.warmup, args.repeats)
-    print(f'\ninference, batch {args.batch_size}, 224 px, {device.type}, amp {args.amp}')
+    print(f'\ninference, batch {batch}, 224 px, {device.type}, amp {args.amp}')
     print(f'{"model":42s} {"GFLOPs":>8s} {"img/s":>9s}')
     for name, s in seconds.items():
-        print(f'{name:42s} {flops[name] / 1e9:8.3f} {args.batch_size / s:9.1f}')
-        results[f'img/s {name}'] = args.batch_size / s
+        print(f'{name:42s} {flops[name] / 1e9:8.3f} {batch / s:9.1f}')
+        results[f'img/s {name} batch {batch}'] = batch / s
     for variant in ('EAB/FTF off', 'EAB+FTF'):
         dense, compressed = f'sdt2net-S full keep ({variant})', f'sdt2net-S ViT-S-DeiT 2.9 ({variant})'
         speedup = seconds[dense] / seconds[compressed]
         flops_ratio = flops[dense] / flops[compressed]
-        results[f'speedup/flops-ratio {variant}'] = speedup / flops_ratio
+        results[f'speedup/flops-ratio {variant} batch {batch}'] = speedup / flops_ratio
         print(f'speedup at ViT-S-DeiT 2.9 ({variant}): {speedup:.2f}x, FLOPs ratio {flops_ratio:.2f}x, '
               f'speedup / FLOPs ratio = {speedup / flops_ratio:.2f} (target >= 0.90)')
     ratio = seconds['timm deit_small_patch16_224'] / seconds['sdt2net-S full keep (EAB/FTF off)']
-    results['full-keep throughput / timm'] = ratio
+    results[f'full-keep throughput / timm batch {batch}'] = ratio
     print(f'full keep (EAB/FTF off) throughput / timm DeiT-S: {ratio:.2f} (target >= 0.95)')
+    same_work = seconds['timm deit_small_patch16_224'] / seconds['sdt2net-S at DeiT-S FLOPs (EAB+FTF)']
+    results[f'EAB+FTF at DeiT-S FLOPs throughput / timm batch {batch}'] = same_work
+    print(f'SDT2Net-S (EAB+FTF) at {flops["sdt2net-S at DeiT-S FLOPs (EAB+FTF)"] / 1e9:.2f} GFLOPs throughput / '
+          f'timm DeiT-S at {timm_gflops:.2f}: {same_work:.2f} (target >= 0.90)')
     return results
 
 
@@ -201,7 +215,7 @@ def count_synchronisations(autocast, x: torch.Tensor, y: torch.Tensor) -> Dict[s
     step = sdt2net_training_step(model, autocast, x, y, target_gflops=5.7)
     step()  # optimizer state is created on the first step
     search = cuda_synchronisations(step)
-    model.set_kept_num(*vit_s_2_9_schedule())
+    model.fix_schedule(vit_s_2_9_schedule())
     step()  # a fixed schedule's kept counts are read once, then cached
     fine_tuning = cuda_synchronisations(step)
     print(f'CUDA synchronisations per step (torch.cuda.set_sync_debug_mode, EAB+FTF): search {search} '

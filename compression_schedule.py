@@ -7,8 +7,9 @@ Extra fields (provenance: data, command, accuracy) are kept as they are.
 import json
 import os
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
+from models.schedule import Schedule
 from utils import UserError, atomic_write_text
 
 DEFAULT_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'compression_rate.json')
@@ -46,8 +47,13 @@ def read_file(path: str) -> Dict:
         raise UserError(f'{path} is not valid JSON: {error}') from None
 
 
-def load_schedule(path: str, model_name: str, target_gflops: float) -> Tuple[List[int], List[int]]:
-    """(prune, merge) kept counts for `model_name` at `target_gflops`; a clear error if absent."""
+def load_schedule(path: str, model_name: str, target_gflops: float) -> Schedule:
+    """The schedule of `model_name` at `target_gflops`; a clear error if absent.
+
+    Entries under DiffRate's keys are read as DiffRate's runtime reads them (a running minimum:
+    its published lists sometimes keep more tokens in a block than the previous one passes on);
+    entries under our model names must already be consistent (validated when fixed).
+    """
     table = read_file(path)
     keys = [k for k in (model_name, diffrate_key(model_name)) if k and k in table]
     for key in keys:
@@ -58,50 +64,19 @@ def load_schedule(path: str, model_name: str, target_gflops: float) -> Tuple[Lis
                 continue
             if matches:
                 try:
-                    return _parse_counts(entry['prune_kept_num']), _parse_counts(entry['merge_kept_num'])
+                    schedule = Schedule(_parse_counts(entry['prune_kept_num']), _parse_counts(entry['merge_kept_num']))
                 except (KeyError, ValueError) as error:
                     raise UserError(f'{path}: entry {key}/{target} is malformed: {error}') from None
+                return schedule.running_min() if key in DIFFRATE_KEYS.values() else schedule
     available = ', '.join(f'{k}: [{", ".join(table[k])}]' for k in table if isinstance(table[k], dict)) or 'nothing'
     raise UserError(f'{path} has no schedule for model {model_name} at target_flops {target_gflops}; '
                     f'it holds {available}')
 
 
-def save_schedule(path: str, model_name: str, target_gflops: float, prune: List[int], merge: List[int],
-                  **provenance) -> None:
+def save_schedule(path: str, model_name: str, target_gflops: float, schedule: Schedule, **provenance) -> None:
     """Add or replace one entry, keeping every other entry of the file (atomic write)."""
     table = read_file(path) if os.path.isfile(path) else {}
-    table.setdefault(model_name, {})[f'{target_gflops:g}'] = {
-        'prune_kept_num': list(prune), 'merge_kept_num': list(merge), **provenance}
+    table.setdefault(model_name, {})[f'{target_gflops:g}'] = {**schedule.as_dict(), **provenance}
     text = json.dumps(table, indent=2)
     text = re.sub(r'\[\s+([-\d,\s]+?)\s+\]', lambda m: '[' + ' '.join(m.group(1).split()) + ']', text)
     atomic_write_text(text + '\n', path)
-
-
-def uniform_schedule(model, target_gflops: float) -> Tuple[List[int], List[int]]:
-    """A hand-set ToMe-style schedule: no pruning, the same number r of tokens merged in every
-    block after the first, r chosen (bisection) so the model's FLOPs come closest to the target.
-    The model's schedule is left fixed at the result."""
-    depth, full = len(model.blocks), model.patch_embed.num_patches + 1
-
-    def schedule(r: float) -> List[int]:
-        return [full] + [max(2, round(full - r * block)) for block in range(1, depth)]
-
-    def apply(r: float) -> Tuple[List[int], List[int]]:
-        merge = schedule(r)
-        prune = [full] + merge[:-1]  # nothing is pruned: each block starts from the last one's count
-        model.set_kept_num(prune, merge)
-        return prune, merge
-
-    def gflops(r: float) -> float:
-        apply(r)
-        return float(model.flops().detach()) / 1e9
-
-    low, high = 0.0, full / (depth - 1)
-    if not gflops(high) <= target_gflops <= gflops(low):
-        raise UserError(f'no uniform schedule reaches {target_gflops} GFLOPs '
-                        f'(range [{gflops(high):.3f}, {gflops(low):.3f}])')
-    for _ in range(40):
-        middle = (low + high) / 2
-        low, high = (middle, high) if gflops(middle) > target_gflops else (low, middle)
-    best = min((low, high), key=lambda r: abs(gflops(r) - target_gflops))
-    return apply(best)

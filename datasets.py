@@ -42,15 +42,15 @@ def list_classes(split_dir: str) -> List[str]:
     return classes
 
 
-def check_class_folders(data_path: str) -> List[str]:
-    """The class names; train/ and val/ must hold the same classes."""
+def check_class_folders(data_path: str, split: str = 'val') -> List[str]:
+    """The class names; train/ and the evaluation split must hold the same classes."""
     if not os.path.isdir(data_path):
         raise UserError(f'--data-path {data_path} is not a folder')
-    train, val = list_classes(os.path.join(data_path, 'train')), list_classes(os.path.join(data_path, 'val'))
-    if train != val:
-        only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
-        raise UserError(f'train/ and val/ hold different classes (only in train: {only_train[:5]}, '
-                        f'only in val: {only_val[:5]})')
+    train, other = list_classes(os.path.join(data_path, 'train')), list_classes(os.path.join(data_path, split))
+    if train != other:
+        only_train, only_other = sorted(set(train) - set(other)), sorted(set(other) - set(train))
+        raise UserError(f'train/ and {split}/ hold different classes (only in train: {only_train[:5]}, '
+                        f'only in {split}: {only_other[:5]})')
     return train
 
 
@@ -99,14 +99,14 @@ class SyntheticScenes(Dataset):
         return image + 0.8 * torch.randn(image.shape, generator=generator), label
 
 
-def build_dataset(is_train: bool, args) -> Tuple[Dataset, List[str]]:
-    """(dataset, class names) of the training or validation split."""
+def build_dataset(is_train: bool, args, split: str = 'val') -> Tuple[Dataset, List[str]]:
+    """(dataset, class names) of the training split, or of the evaluation split `split`."""
     if args.data_set == 'synthetic':
         size = args.synthetic_train_size if is_train else args.synthetic_val_size
         dataset = SyntheticScenes(args.synthetic_classes, size, args.input_size, split_seed=1 if is_train else 2)
         return dataset, dataset.classes
-    classes = check_class_folders(args.data_path)
-    root = os.path.join(args.data_path, 'train' if is_train else 'val')
+    classes = check_class_folders(args.data_path, split)
+    root = os.path.join(args.data_path, 'train' if is_train else split)
     dataset = tv_datasets.ImageFolder(root, transform=build_transform(is_train, args), loader=load_rgb,
                                       is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
     return dataset, classes

@@ -42,7 +42,7 @@ class SearchObjective:
         return (self.mode,)
 
 
-def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, num_steps: int,
+def train_one_epoch(model: nn.Module, *, criterion: nn.Module, loader: Iterable, num_steps: int,
                     optimizers: Dict[str, torch.optim.Optimizer], objective: SearchObjective,
                     device: torch.device, precision: Precision, epoch: int,
                     mixup_fn: Optional[Callable] = None, clip_grad: Optional[float] = None,
@@ -54,6 +54,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, nu
     non-finite loss raises NonFiniteLossError before anything is saved.
     """
     model.train()
+    if objective.mode == 'arch':  # frozen weights: batch norms keep their statistics as well
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     core = unwrap(model)
     logger = MetricLogger(f'Epoch [{epoch}]', print_freq)
     loss_sum = torch.zeros((), device=device)
@@ -112,11 +116,13 @@ def _params(optimizer: torch.optim.Optimizer) -> List[torch.Tensor]:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, num_steps: int, num_classes: int, device: torch.device,
              precision: Precision, reduce: bool, print_freq: int = 20) -> Dict:
-    """Top-1/top-5, overall accuracy, Cohen's kappa, per-class accuracy, confusion matrix, loss.
+    """Top-1/top-5, overall accuracy, Cohen's kappa, per-class accuracy, confusion matrix, loss,
+    and 'predictions': the top-1 class of every image in loader order (single process), or None.
 
     reduce: sum the counts over processes (each process saw a disjoint shard of the data).
     """
     model.eval()
+    predictions = []
     logger = MetricLogger('Test', print_freq)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)  # [true, predicted]
     top5 = torch.zeros((), dtype=torch.long, device=device)
@@ -127,13 +133,16 @@ def evaluate(model: nn.Module, loader: Iterable, num_steps: int, num_classes: in
             logits = model(images)
         loss_sum += nn.functional.cross_entropy(logits.float(), targets, reduction='sum').double()
         ranked = logits.topk(min(5, num_classes), dim=1).indices
+        predictions.append(ranked[:, 0])
         top5 += (ranked == targets[:, None]).any(dim=1).sum()
         confusion += torch.bincount(targets * num_classes + ranked[:, 0], minlength=num_classes ** 2) \
             .view(num_classes, num_classes)
     if reduce:
         for tensor in (confusion, top5, loss_sum):
             all_reduce_sum(tensor)
-    return confusion_metrics(confusion.cpu(), int(top5), float(loss_sum))
+    metrics = confusion_metrics(confusion.cpu(), int(top5), float(loss_sum))
+    metrics['predictions'] = None if reduce or not predictions else torch.cat(predictions).tolist()
+    return metrics
 
 
 def confusion_metrics(confusion: torch.Tensor, top5_correct: int, loss_sum: float) -> Dict:

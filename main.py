@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Dict
+from typing import Dict, List, Tuple
 
 import timm
 import torch
@@ -21,8 +21,9 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 import models
-from compression_schedule import DEFAULT_FILE, diffrate_key, load_schedule, save_schedule, uniform_schedule
+from compression_schedule import DEFAULT_FILE, diffrate_key, save_schedule
 from datasets import UnreadableImageError, build_dataset, build_samplers
+from factory import FIXED_SCHEDULES, SCHEDULE_VARIANTS, create_model, load_weights, resolve_schedule, schedule_entry
 from engine import Precision, SearchObjective, evaluate, measure_throughput, train_one_epoch
 from losses import build_criterion
 from utils import (NonFiniteLossError, ReplicasDisagreeError, UserError, append_json_line, atomic_torch_save,
@@ -31,98 +32,120 @@ from utils import (NonFiniteLossError, ReplicasDisagreeError, UserError, append_
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser('SDT2Net search, training and evaluation', add_help=True)
-    # run
-    p.add_argument('--batch-size', default=64, type=int, help='images per process and step')
-    p.add_argument('--epochs', default=100, type=int, help='training epochs')
-    p.add_argument('--print-freq', default=20, type=int, help='log every N steps')
-    # model
-    p.add_argument('--model', default='vit_deit_small_patch16_224', type=str, help='registered SDT2Net name')
-    p.add_argument('--input-size', default=224, type=int, help='image size')
-    p.add_argument('--drop', type=float, default=0.0, help='dropout before the classifier')
-    p.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
-    p.add_argument('--no-eab', action='store_true', help='switch off the efficient attention block')
-    p.add_argument('--no-ftf', action='store_true', help='switch off the second-order fast token fusion head')
-    p.add_argument('--eab-ratio', type=float, default=2.0, help='channel expansion of the shift-conv module')
-    p.add_argument('--eab-groups', type=int, default=1, help='groups of the EAB 1x1 convs (e.g. heads: cheaper)')
-    p.add_argument('--granularity', type=int, default=4, help='step between candidate kept counts')
-    p.add_argument('--pretrained', action='store_true', help='start from timm hub DeiT weights (online)')
-    p.add_argument('--finetune', default='', help='start from a local DeiT or SDT2Net checkpoint')
-    p.add_argument('--model-ema', action='store_true', help='keep an exponential moving average of the weights')
-    p.add_argument('--model-ema-decay', type=float, default=0.99996, help='EMA decay')
-    # optimizer and schedules (network weights)
-    p.add_argument('--opt', default='adamw', type=str, help='timm optimizer name')
-    p.add_argument('--opt-eps', default=1e-8, type=float, help='optimizer epsilon')
-    p.add_argument('--opt-betas', default=None, type=float, nargs='+', help='optimizer betas')
-    p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
-    p.add_argument('--weight-decay', type=float, default=0.05, help='weight decay')
-    p.add_argument('--clip-grad', type=float, default=None, help='gradient norm clipping (off by default)')
-    p.add_argument('--sched', default='cosine', type=str, help='timm learning-rate schedule')
-    p.add_argument('--lr', type=float, default=5e-4, help='learning rate (for a total batch of 512, scaled)')
-    p.add_argument('--lr-noise', type=float, nargs='+', default=None, help='learning-rate noise epochs')
-    p.add_argument('--warmup-lr', type=float, default=1e-6, help='warm-up learning rate')
-    p.add_argument('--min-lr', type=float, default=1e-5, help='final learning rate')
-    p.add_argument('--decay-epochs', type=float, default=30, help='step schedule period')
-    p.add_argument('--warmup-epochs', type=int, default=5, help='learning-rate warm-up epochs')
-    p.add_argument('--cooldown-epochs', type=int, default=0, help='epochs at min-lr after the schedule')
-    p.add_argument('--decay-rate', type=float, default=0.1, help='step schedule factor')
-    # compression search
-    p.add_argument('--target_flops', type=float, default=3.0, help='FLOPs budget in GFLOPs')
-    p.add_argument('--flops-weight', type=float, default=5.0, help='lambda of the FLOPs penalty')
-    p.add_argument('--arch-lr', type=float, default=0.01, help='learning rate of the compression rates')
-    p.add_argument('--arch-min-lr', type=float, default=0.01, help='final learning rate of the rates')
-    p.add_argument('--search-mode', default='alternate', choices=['alternate', 'joint', 'arch', 'weights'],
-                   help='alternate: weight and rate steps take turns; joint: both every step; arch: rates only '
-                        '(frozen weights); weights: weights only (fixed schedule)')
-    p.add_argument('--warmup_compression_rate', action='store_true', help='no FLOPs penalty in the first epoch')
-    p.add_argument('--load_compression_rate', action='store_true',
-                   help='fix the schedule of --model at --target_flops from --compression-rate-file')
-    p.add_argument('--fixed-schedule', default='', choices=['', 'dense', 'uniform'],
-                   help='train weights under a fixed schedule: dense (keep all tokens) or uniform '
-                        '(ToMe-style, the same merges per block, at --target_flops)')
-    p.add_argument('--compression-rate-file', default=DEFAULT_FILE, help='compression_rate.json to read')
-    # augmentation (DeiT defaults)
-    p.add_argument('--color-jitter', type=float, default=0.3, help='colour jitter factor')
-    p.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', help='timm AutoAugment policy, "none" off')
-    p.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
-    p.add_argument('--train-interpolation', type=str, default='bicubic', help='resize interpolation')
-    p.add_argument('--repeated-aug', action='store_true', default=True, help='RASampler in distributed runs')
-    p.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug', help='no repeated augmentation')
-    p.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
-    p.add_argument('--remode', type=str, default='pixel', help='random erasing mode')
-    p.add_argument('--recount', type=int, default=1, help='random erasing count')
-    p.add_argument('--mixup', type=float, default=0.8, help='mixup alpha (0 = off)')
-    p.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha (0 = off)')
-    p.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, help='cutmix ratio range')
-    p.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixup or cutmix')
-    p.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix over mixup')
-    p.add_argument('--mixup-mode', type=str, default='batch', choices=['batch', 'pair', 'elem'], help='mixup mode')
-    # data
-    p.add_argument('--data-path', default='', type=str, help='ImageFolder root with train/ and val/')
-    p.add_argument('--data-set', default='folder', choices=['folder', 'synthetic', 'IMNET'],
+    p = argparse.ArgumentParser(prog='main.py', description='SDT2Net: search a compression schedule, fine-tune '
+                                'under one, or evaluate.', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group('data')
+    g.add_argument('--data-path', default='', type=str, help='ImageFolder root with train/ and val/ (and test/)')
+    g.add_argument('--data-set', default='folder', choices=['folder', 'synthetic', 'IMNET'],
                    help='folder (IMNET is an alias) or in-memory synthetic data')
-    p.add_argument('--synthetic-classes', type=int, default=10, help='classes of the synthetic set')
-    p.add_argument('--synthetic-train-size', type=int, default=640, help='synthetic training images')
-    p.add_argument('--synthetic-val-size', type=int, default=200, help='synthetic validation images')
-    p.add_argument('--output_dir', default='', help='where logs, checkpoints and schedules go')
-    p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
-    p.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'], help='GPU autocast type')
-    p.add_argument('--no-amp', action='store_true', help='fp32 on GPU too')
-    p.add_argument('--seed', default=0, type=int, help='random seed (plus the process rank)')
-    p.add_argument('--resume', default='', help='checkpoint to resume (or evaluate)')
-    p.add_argument('--autoresume', action='store_true', help='resume from OUTPUT/checkpoint.pth if present')
-    p.add_argument('--start_epoch', default=0, type=int, help='first epoch')
-    p.add_argument('--eval', action='store_true', help='evaluate only')
-    p.add_argument('--dist-eval', action='store_true', default=True,
-                   help='shard evaluation over processes, each image counted once (default)')
-    p.add_argument('--num_workers', default=4, type=int, help='data-loading workers per process')
-    p.add_argument('--pin-mem', action='store_true', default=True, help='pin host memory')
-    p.add_argument('--no-pin-mem', action='store_false', dest='pin_mem', help='do not pin host memory')
-    p.add_argument('--throughput-batch', type=int, default=32, help='batch for the throughput measurement')
+    g.add_argument('--eval-split', default='val', help='with --eval: the split folder to evaluate (e.g. test)')
+    g.add_argument('--synthetic-classes', type=int, default=10, help='classes of the synthetic set')
+    g.add_argument('--synthetic-train-size', type=int, default=640, help='synthetic training images')
+    g.add_argument('--synthetic-val-size', type=int, default=200, help='synthetic validation images')
+    g.add_argument('--input-size', default=224, type=int, help='image size')
+    g.add_argument('--num_workers', default=4, type=int, help='data-loading workers per process')
+    g.add_argument('--pin-mem', action='store_true', default=True, help='pin host memory')
+    g.add_argument('--no-pin-mem', action='store_false', dest='pin_mem', help='do not pin host memory')
+
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default='vit_deit_small_patch16_224', type=str, help='registered SDT2Net name')
+    g.add_argument('--drop', type=float, default=0.0, help='dropout before the classifier')
+    g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
+    g.add_argument('--no-eab', action='store_true', help='switch off the efficient attention block')
+    g.add_argument('--no-ftf', action='store_true', help='switch off the second-order fast token fusion head')
+    g.add_argument('--eab-ratio', type=float, default=2.0, help='channel expansion of the shift-conv module')
+    g.add_argument('--eab-groups', type=int, default=1, help='groups of the EAB 1x1 convs (e.g. heads: cheaper)')
+    g.add_argument('--eab-shift', type=int, default=2, help='patches the EAB shifts by (official 2, ELAN 1)')
+    g.add_argument('--eab-separate', action='store_true',
+                   help='one shift-conv module each for q and k (default: one shared, as the official code)')
+    g.add_argument('--pretrained', action='store_true', help='start from timm hub DeiT weights (online)')
+    g.add_argument('--finetune', default='', help='start from the weights of a local DeiT or SDT2Net checkpoint '
+                   '(weights only: the schedule is decided by the flags below)')
+    g.add_argument('--model-ema', action='store_true', help='keep, evaluate and save an EMA of the weights')
+    g.add_argument('--model-ema-decay', type=float, default=0.99996, help='EMA decay')
+
+    g = p.add_argument_group('compression')
+    g.add_argument('--target_flops', type=float, default=3.0, help='FLOPs budget in GFLOPs')
+    g.add_argument('--flops-lambda', '--flops-weight', dest='flops_lambda', type=float, default=5.0,
+                   help='lambda of the FLOPs penalty lambda * (GFLOPs - target)^2 (DiffRate: 5)')
+    g.add_argument('--granularity', type=int, default=4, help='step between candidate kept counts')
+    g.add_argument('--arch-lr', type=float, default=0.01, help='learning rate of the compression rates')
+    g.add_argument('--arch-min-lr', type=float, default=0.01, help='final learning rate of the rates')
+    g.add_argument('--search-mode', default='alternate', choices=['alternate', 'joint', 'arch', 'weights'],
+                   help='alternate: weight and rate steps take turns; joint: both every step; arch: rates only '
+                        '(frozen weights, DiffRate\'s search); weights: weights only (fixed schedule)')
+    g.add_argument('--search-start', default='uniform', choices=['uniform', 'dense'],
+                   help='where a new search starts: DiffRate\'s uniform distributions (about half the tokens '
+                        'kept) or nearly all mass on keeping every token')
+    g.add_argument('--warmup_compression_rate', action='store_true', help='no FLOPs penalty in the first epoch')
+    g.add_argument('--load_compression_rate', action='store_true',
+                   help='fix the schedule of --model at --target_flops from --compression-rate-file')
+    g.add_argument('--compression-rate-file', default=DEFAULT_FILE, help='compression_rate.json to read')
+    g.add_argument('--fixed-schedule', default='', choices=('',) + FIXED_SCHEDULES,
+                   help='train or evaluate under a hand-set schedule: dense (every token), uniform (ToMe: the '
+                        'same merges per block) or uniform-prune (the same prunes per block) at --target_flops')
+    g.add_argument('--schedule-variant', default='as-is', choices=SCHEDULE_VARIANTS,
+                   help='use a fixed schedule as it is, or its prune-only / merge-only form (same token counts)')
+
+    g = p.add_argument_group('optimisation (network weights)')
+    g.add_argument('--batch-size', default=64, type=int, help='images per process and step')
+    g.add_argument('--epochs', default=100, type=int, help='training epochs')
+    g.add_argument('--opt', default='adamw', type=str, help='timm optimizer name')
+    g.add_argument('--opt-eps', default=1e-8, type=float, help='optimizer epsilon')
+    g.add_argument('--opt-betas', default=None, type=float, nargs='+', help='optimizer betas')
+    g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    g.add_argument('--weight-decay', type=float, default=0.05, help='weight decay')
+    g.add_argument('--clip-grad', type=float, default=None, help='gradient norm clipping (off by default)')
+    g.add_argument('--sched', default='cosine', type=str, help='timm learning-rate schedule')
+    g.add_argument('--lr', type=float, default=5e-4, help='learning rate for a total batch of 512 (scaled)')
+    g.add_argument('--lr-noise', type=float, nargs='+', default=None, help='learning-rate noise epochs')
+    g.add_argument('--warmup-lr', type=float, default=1e-6, help='warm-up learning rate')
+    g.add_argument('--min-lr', type=float, default=1e-5, help='final learning rate')
+    g.add_argument('--decay-epochs', type=float, default=30, help='step schedule period')
+    g.add_argument('--warmup-epochs', type=int, default=5, help='learning-rate warm-up epochs')
+    g.add_argument('--cooldown-epochs', type=int, default=0, help='epochs at min-lr after the schedule')
+    g.add_argument('--decay-rate', type=float, default=0.1, help='step schedule factor')
+
+    g = p.add_argument_group('augmentation (DeiT defaults)')
+    g.add_argument('--color-jitter', type=float, default=0.3, help='colour jitter factor')
+    g.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', help='timm AutoAugment policy, "none" off')
+    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--train-interpolation', type=str, default='bicubic', help='resize interpolation')
+    g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
+    g.add_argument('--remode', type=str, default='pixel', help='random erasing mode')
+    g.add_argument('--recount', type=int, default=1, help='random erasing count')
+    g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha (0 = off)')
+    g.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha (0 = off)')
+    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, help='cutmix ratio range')
+    g.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixup or cutmix')
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix over mixup')
+    g.add_argument('--mixup-mode', type=str, default='batch', choices=['batch', 'pair', 'elem'], help='mixup mode')
+
+    g = p.add_argument_group('devices and distributed runs')
+    g.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
+    g.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'], help='GPU autocast type')
+    g.add_argument('--no-amp', action='store_true', help='fp32 on GPU too')
+    g.add_argument('--repeated-aug', action=argparse.BooleanOptionalAction, default=True,
+                   help='repeated-augmentation sampler (RASampler) in distributed runs')
+    g.add_argument('--dist-eval', action=argparse.BooleanOptionalAction, default=True,
+                   help='shard evaluation over processes, each image counted once (else every process '
+                        'evaluates everything)')
+    g.add_argument('--seed', default=0, type=int, help='random seed (plus the process rank)')
+
+    g = p.add_argument_group('run and output')
+    g.add_argument('--output_dir', default='', help='where logs, checkpoints and schedules go')
+    g.add_argument('--resume', default='', help='checkpoint to resume (or evaluate)')
+    g.add_argument('--autoresume', action='store_true', help='resume from OUTPUT/checkpoint.pth if present')
+    g.add_argument('--start_epoch', default=0, type=int, help='first epoch')
+    g.add_argument('--eval', action='store_true', help='evaluate only')
+    g.add_argument('--print-freq', default=20, type=int, help='log every N steps')
+    g.add_argument('--throughput-batch', type=int, default=32,
+                   help='batch for the throughput measurement of --eval (0: skip it)')
     return p
 
 
 def validate_args(args, parser: argparse.ArgumentParser) -> None:
+    """Every argument problem that can be seen before any work, one message each."""
     if args.data_set == 'IMNET':
         args.data_set = 'folder'
     if args.data_set == 'folder' and not args.data_path:
@@ -130,44 +153,23 @@ def validate_args(args, parser: argparse.ArgumentParser) -> None:
     if not timm.is_model(args.model) or not args.model.startswith(('sdt2net_', 'vit_deit_')):
         names = [n for n in timm.list_models() if n.startswith(('sdt2net_', 'vit_deit_'))]
         raise UserError(f'unknown model {args.model!r}; available: {", ".join(names)}')
+    for name, value, low in (('--epochs', args.epochs, 1), ('--batch-size', args.batch_size, 1),
+                             ('--granularity', args.granularity, 1), ('--input-size', args.input_size, 32),
+                             ('--eab-shift', args.eab_shift, 1)):
+        if value < low:
+            parser.error(f'{name} must be at least {low}, got {value}')
+    for name, value in (('--lr', args.lr), ('--arch-lr', args.arch_lr), ('--flops-lambda', args.flops_lambda),
+                        ('--target_flops', args.target_flops)):
+        if not value >= 0:
+            parser.error(f'{name} must be a non-negative number, got {value}')
+    fixed = args.load_compression_rate or args.fixed_schedule
+    if fixed and args.search_mode in ('alternate', 'joint', 'arch') and args.search_mode != 'alternate':
+        parser.error(f'--search-mode {args.search_mode} searches the rates, but the schedule is fixed '
+                     f'({"--load_compression_rate" if args.load_compression_rate else "--fixed-schedule"})')
+    if args.eval_split != 'val' and not args.eval:
+        parser.error('--eval-split chooses what --eval measures; training runs select on val/')
     if args.eval and not (args.resume or args.finetune or args.pretrained):
         print('warning: evaluating randomly initialised weights (no --resume/--finetune/--pretrained)')
-
-
-def build_model(args, num_classes: int) -> models.SDT2Net:
-    try:
-        model = timm.create_model(
-            args.model, pretrained=args.pretrained, num_classes=num_classes, img_size=args.input_size,
-            drop_rate=args.drop, drop_path_rate=args.drop_path, eab=not args.no_eab, ftf=not args.no_ftf,
-            eab_ratio=args.eab_ratio, eab_groups=args.eab_groups, granularity=args.granularity)
-    except (OSError, RuntimeError) as error:  # hub download failures surface as these
-        if not args.pretrained:
-            raise
-        raise UserError(f'could not fetch the pretrained DeiT weights ({str(error).splitlines()[0]}); '
-                        f'offline, pass a local checkpoint with --finetune PATH') from None
-    if args.finetune:
-        checkpoint = load_checkpoint(args.finetune)
-        try:
-            weights = models.adapt_state_dict(checkpoint, model)
-        except ValueError as error:
-            raise UserError(f'--finetune {args.finetune}: {error}') from None
-        missing, _ = model.load_state_dict(weights, strict=False)
-        print(f'loaded {len(weights)} tensors from {args.finetune}; new: {len(missing)} '
-              f'(e.g. {", ".join(missing[:4])})')
-    return model
-
-
-def flops_range(model: models.SDT2Net) -> Dict[str, float]:
-    """Dense and smallest reachable GFLOPs of the model (schedule restored afterwards)."""
-    fixed = model.rates.fixed.clone()
-    depth, full = len(model.blocks), model.patch_embed.num_patches + 1
-    smallest = int(model.rates.candidates.min()) + 1
-    model.set_kept_num([full] * depth, [full] * depth)
-    dense = float(model.flops().detach())
-    model.set_kept_num([full] + [smallest] * (depth - 1), [full] + [smallest] * (depth - 1))
-    minimum = float(model.flops().detach())
-    model.rates.fixed.copy_(fixed)
-    return {'dense': dense / 1e9, 'minimum': minimum / 1e9}
 
 
 def make_precision(device: torch.device, args) -> Precision:
@@ -189,29 +191,12 @@ def weight_param_groups(model: models.SDT2Net, weight_decay: float):
     return [{'params': no_decay, 'weight_decay': 0.0}, {'params': decay, 'weight_decay': weight_decay}]
 
 
-def configure_schedule(model: models.SDT2Net, args, ranges: Dict[str, float]) -> str:
-    """Apply a fixed schedule if one is asked for, freeze the parameter groups the mode does not
-    train, and return the search mode ('alternate', 'joint', 'arch' or 'weights')."""
-    fixed = args.load_compression_rate or args.fixed_schedule
-    if not args.eval and not fixed and args.search_mode != 'weights' \
-            and not ranges['minimum'] <= args.target_flops <= ranges['dense']:
-        raise UserError(f'--target_flops {args.target_flops} is outside what {args.model} can reach at '
-                        f'{args.input_size} px: [{ranges["minimum"]:.3f}, {ranges["dense"]:.3f}] GFLOPs')
-    if args.load_compression_rate:
-        apply_file_schedule(model, args)
-    elif args.fixed_schedule == 'dense':
-        full = model.patch_embed.num_patches + 1
-        model.set_kept_num([full] * len(model.blocks), [full] * len(model.blocks))
-    elif args.fixed_schedule == 'uniform':
-        uniform_schedule(model, args.target_flops)
-    search_mode = 'weights' if fixed and not args.eval else args.search_mode
-    if search_mode == 'weights' and not model.rates.is_fixed:
-        model.set_kept_num(*model.get_kept_num())  # fine-tuning keeps the current schedule
+def set_trainable(model: models.SDT2Net, search_mode: str) -> None:
+    """Freeze the parameter group the mode does not train (rates for weights, weights for arch)."""
     for param in model.arch_parameters():
         param.requires_grad_(search_mode != 'weights')
     for param in model.weight_parameters():
         param.requires_grad_(search_mode != 'arch')
-    return search_mode
 
 
 def build_optimizers(model: models.SDT2Net, args, search_mode: str):
@@ -233,17 +218,26 @@ def build_optimizers(model: models.SDT2Net, args, search_mode: str):
     return optimizers, schedulers
 
 
-def resume_from(path: str, args, model, class_names, optimizers, schedulers, precision, model_ema):
-    """Load a checkpoint; when training, also the optimizers, schedules, scaler, EMA and RNG.
-    Returns (first epoch to run, best top-1 so far)."""
-    state = load_checkpoint(path)
+def load_resumed_model(model: models.SDT2Net, state: Dict, path: str, args, class_names) -> None:
+    """The resumed run's model state (weights and rates); its schedule is restored by
+    resolve_schedule from the checkpoint's 'schedule' entry."""
     check_checkpoint_fits(state, path, args, class_names)
-    model.load_state_dict(state['model'])
-    if args.load_compression_rate:  # the file's schedule wins over the checkpoint's
-        apply_file_schedule(model, args)
-    print(f'resumed from {path} (epoch {state["epoch"]})')
-    if args.eval or 'optimizers' not in state:
-        return args.start_epoch, 0.0
+    weights = {k: v for k, v in models.unwrap_state_dict(state['model']).items() if k != 'rates.fixed'}
+    target = model.state_dict()
+    mismatched = [f'{k}: checkpoint {tuple(v.shape)}, model {tuple(target[k].shape)}'
+                  for k, v in weights.items() if k in target and v.shape != target[k].shape]
+    if mismatched:
+        raise UserError(f'{path} was trained with other settings ({mismatched[0]}); resume with the '
+                        f'--input-size, --granularity and --eab-* flags of its args.json')
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise UserError(f'{path} does not fit {args.model} with these flags: '
+                        f'{"missing " + ", ".join(missing[:3]) if missing else ""}'
+                        f'{" unexpected " + ", ".join(unexpected[:3]) if unexpected else ""}')
+
+
+def restore_training_state(state: Dict, optimizers, schedulers, precision, model_ema) -> Tuple[int, float]:
+    """Optimizers, schedules, scaler, EMA and RNG of a resumed run; (first epoch, best top-1)."""
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(state['optimizers'][name])
         schedulers[name].load_state_dict(state['schedulers'][name])
@@ -258,31 +252,50 @@ def resume_from(path: str, args, model, class_names, optimizers, schedulers, pre
 def main(args) -> None:
     device = init_distributed(args.device)
     seed_everything(args.seed)
-    val_set, class_names = build_dataset(False, args)
+    eval_split = args.eval_split if args.eval else 'val'
+    val_set, class_names = build_dataset(False, args, split=eval_split)
     train_set = None if args.eval else build_dataset(True, args)[0]
     num_classes = len(class_names)
     train_sampler, val_sampler = build_samplers(train_set, val_set, args)
     loader_kwargs = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda')
     val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler, **loader_kwargs)
 
-    model = build_model(args, num_classes).to(device)
-    ranges = flops_range(model)
-    search_mode = configure_schedule(model, args, ranges)
-    n_parameters = sum(p.numel() for p in model.weight_parameters())
-    print(f'model {args.model}: {n_parameters / 1e6:.2f} M parameters, {num_classes} classes, '
-          f'GFLOPs dense {ranges["dense"]:.3f}, target {args.target_flops}')
-    optimizers, schedulers = build_optimizers(model, args, search_mode)
-    precision = make_precision(device, args)
-    model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema and not args.eval else None
-
+    # 1. weights: the architecture, then --pretrained/--finetune weights, then a resumed run's state
+    model = create_model(args, num_classes)
+    weights = load_weights(model, args.finetune) if args.finetune else None
     resume = args.resume
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else ''
     if args.autoresume and checkpoint_path and os.path.isfile(checkpoint_path):
         resume = checkpoint_path
+    resumed = load_checkpoint(resume) if resume else None
+    if resumed is not None:
+        load_resumed_model(model, resumed, resume, args, class_names)
+        print(f'resumed from {resume} (epoch {resumed["epoch"]})')
+    else:
+        model.rates.reset(args.search_start)
+    model.to(device)
+
+    # 2. the schedule, decided once every weight is in place
+    gflops_min, gflops_dense = models.flops_range(model.shape(), args.granularity)
+    schedule, origin = resolve_schedule(args, model, resumed, weights)
+    model.fix_schedule(schedule)
+    search_mode = args.search_mode if schedule is None else 'weights'
+    if schedule is None and not args.eval and not gflops_min <= args.target_flops <= gflops_dense:
+        raise UserError(f'--target_flops {args.target_flops} is outside what {args.model} can reach at '
+                        f'{args.input_size} px: [{gflops_min:.3f}, {gflops_dense:.3f}] GFLOPs')
+    set_trainable(model, search_mode)
+    n_parameters = sum(p.numel() for p in model.weight_parameters())
+    print(f'model {args.model}: {n_parameters / 1e6:.2f} M parameters, {num_classes} classes, '
+          f'GFLOPs dense {gflops_dense:.3f}, smallest {gflops_min:.3f}, target {args.target_flops}')
+    print(f'schedule: {origin}; now {float(model.flops().detach()) / 1e9:.3f} GFLOPs, '
+          f'prune {list(model.schedule().prune)}, merge {list(model.schedule().merge)}')
+
+    optimizers, schedulers = build_optimizers(model, args, search_mode)
+    precision = make_precision(device, args)
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema and not args.eval else None
     start_epoch, best_acc = args.start_epoch, 0.0
-    if resume:
-        start_epoch, best_acc = resume_from(resume, args, model, class_names, optimizers, schedulers, precision,
-                                            model_ema)
+    if resumed is not None and not args.eval and 'optimizers' in resumed:
+        start_epoch, best_acc = restore_training_state(resumed, optimizers, schedulers, precision, model_ema)
     if args.output_dir and is_main_process():  # only once the configuration is known to work
         os.makedirs(args.output_dir, exist_ok=True)
         atomic_write_text(json.dumps(vars(args), indent=2) + '\n', os.path.join(args.output_dir, 'args.json'))
@@ -290,14 +303,18 @@ def main(args) -> None:
     if args.eval:
         metrics = evaluate(model, val_loader, len(val_loader), num_classes, device, precision,
                            reduce=is_distributed() and args.dist_eval, print_freq=args.print_freq)
-        report = describe_model(model, args, device, precision, ranges)
-        report.update(metrics, class_names=class_names)
+        report = describe_model(model, args, device, precision, gflops_dense)
+        predictions = metrics.pop('predictions')
+        report.update(metrics, class_names=class_names, split=eval_split, schedule_origin=origin)
+        throughput = f'{report["throughput"]:.1f} img/s' if report['throughput'] else 'throughput not measured'
         print(f'top-1 {metrics["acc1"]:.2f}%  top-5 {metrics["acc5"]:.2f}%  kappa {metrics["kappa"]:.4f}  '
-              f'GFLOPs {report["gflops"]:.3f} (fvcore {report["gflops_fvcore"]:.3f})  '
-              f'{report["throughput"]:.1f} img/s  on {metrics["num_images"]} images')
+              f'GFLOPs {report["gflops"]:.3f} (fvcore {report["gflops_fvcore"]:.3f})  {throughput}  '
+              f'on {metrics["num_images"]} images of {eval_split}/')
         print(f'kept tokens: prune {report["prune_kept_num"]}  merge {report["merge_kept_num"]}')
         if args.output_dir and is_main_process():
             atomic_write_text(json.dumps(report, indent=1) + '\n', os.path.join(args.output_dir, 'eval_metrics.json'))
+            if predictions is not None:
+                write_predictions(os.path.join(args.output_dir, 'predictions.csv'), val_set, predictions)
         return
 
     if is_distributed():
@@ -321,39 +338,52 @@ def main(args) -> None:
         for scheduler in schedulers.values():
             scheduler.step(epoch)
         warm = args.warmup_compression_rate and epoch == 0
-        objective = SearchObjective(search_mode, args.target_flops, 0.0 if warm else args.flops_weight)
-        train_stats = train_one_epoch(model, criterion, train_loader, len(train_loader), optimizers, objective,
-                                      device, precision, epoch, mixup_fn, args.clip_grad, model_ema,
-                                      args.print_freq)
+        objective = SearchObjective(search_mode, args.target_flops, 0.0 if warm else args.flops_lambda)
+        train_stats = train_one_epoch(
+            model, criterion=criterion, loader=train_loader, num_steps=len(train_loader), optimizers=optimizers,
+            objective=objective, device=device, precision=precision, epoch=epoch, mixup_fn=mixup_fn,
+            clip_grad=args.clip_grad, model_ema=model_ema, print_freq=args.print_freq)
         check_replicas_agree(core.rates.logits, 'rate parameters')  # before anything is saved
         if is_distributed() and is_main_process():
             print(f'rate parameters identical on all {get_world_size()} processes')
+        reduce = is_distributed() and args.dist_eval
         test_stats = evaluate(core, val_loader, len(val_loader), num_classes, device, precision,
-                              reduce=is_distributed() and args.dist_eval, print_freq=args.print_freq)
-        prune, merge = core.get_kept_num()
+                              reduce=reduce, print_freq=args.print_freq)
+        test_stats.pop('predictions')
+        if model_ema is not None:
+            ema_stats = evaluate(model_ema.module, val_loader, len(val_loader), num_classes, device, precision,
+                                 reduce=reduce, print_freq=args.print_freq)
+            test_stats.update(ema_acc1=ema_stats['acc1'], ema_kappa=ema_stats['kappa'])
+        schedule = core.schedule()
         is_best = test_stats['acc1'] > best_acc
         best_acc = max(best_acc, test_stats['acc1'])
         print(f'epoch {epoch}: top-1 {test_stats["acc1"]:.2f}% (best {best_acc:.2f}%), kappa '
-              f'{test_stats["kappa"]:.4f}, GFLOPs {train_stats["gflops"]:.3f}, merge kept {merge}')
+              f'{test_stats["kappa"]:.4f}, GFLOPs {train_stats["gflops"]:.3f}, prune kept {list(schedule.prune)}, '
+              f'merge kept {list(schedule.merge)}'
+              + (f', EMA top-1 {test_stats["ema_acc1"]:.2f}%' if model_ema is not None else ''))
         if args.output_dir and is_main_process():
             save_epoch(args, core, optimizers, schedulers, precision, model_ema, epoch, best_acc, is_best,
                        class_names)
             record = {**{f'train_{k}': v for k, v in train_stats.items()},
                       **{f'test_{k}': v for k, v in test_stats.items()
                          if k not in ('confusion_matrix', 'per_class_accuracy')},
-                      'epoch': epoch, 'n_parameters': n_parameters, 'prune_kept_num': prune,
-                      'merge_kept_num': merge}
+                      'epoch': epoch, 'n_parameters': n_parameters, 'prune_kept_num': list(schedule.prune),
+                      'merge_kept_num': list(schedule.merge)}
             append_json_line(record, os.path.join(args.output_dir, 'log.txt'))
     print(f'training time {time.time() - start:.0f}s; outputs in {args.output_dir or "(no --output_dir)"}')
 
 
-def apply_file_schedule(model: models.SDT2Net, args) -> None:
-    """Fix the schedule of --model at --target_flops from --compression-rate-file."""
-    prune, merge = load_schedule(args.compression_rate_file, args.model, args.target_flops)
-    try:
-        model.set_kept_num(prune, merge)
-    except ValueError as error:
-        raise UserError(f'schedule from {args.compression_rate_file} does not fit the model: {error}') from None
+def write_predictions(path: str, dataset, predictions: List[int]) -> None:
+    """One row per image in dataset order: index, file (class/name), target, top-1 prediction.
+    Two evaluations of the same images are compared pairwise with compare.py."""
+    if hasattr(dataset, 'samples'):
+        names = [os.path.join(os.path.basename(os.path.dirname(p)), os.path.basename(p)) for p, _ in dataset.samples]
+        targets = [t for _, t in dataset.samples]
+    else:  # synthetic: sample i has class i mod classes
+        names = [f'synthetic/{i}' for i in range(len(predictions))]
+        targets = [i % len(dataset.classes) for i in range(len(predictions))]
+    lines = ['index,file,target,prediction'] + [f'{i},{names[i]},{targets[i]},{p}' for i, p in enumerate(predictions)]
+    atomic_write_text('\n'.join(lines) + '\n', path)
 
 
 def check_checkpoint_fits(state: Dict, path: str, args, class_names) -> None:
@@ -377,15 +407,15 @@ def check_checkpoint_fits(state: Dict, path: str, args, class_names) -> None:
 def save_epoch(args, model, optimizers, schedulers, precision, model_ema, epoch, best_acc, is_best,
                class_names) -> None:
     """checkpoint.pth (atomic), model_best.pth, and the schedule in compression_rate.json format."""
-    prune, merge = model.get_kept_num()
+    schedule = model.schedule()
     state = {
-        'model': model.state_dict(), 'model_name': args.model, 'class_names': list(class_names),
+        'model': model.state_dict(), 'schedule': schedule_entry(model), 'model_name': args.model,
+        'class_names': list(class_names),
         'optimizers': {k: o.state_dict() for k, o in optimizers.items()},
         'schedulers': {k: s.state_dict() for k, s in schedulers.items()},
         'scaler': precision.scaler.state_dict() if precision.scaler is not None else None,
         'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
         'epoch': epoch, 'best_acc': best_acc, 'rng': rng_state(),
-        'prune_kept_num': prune, 'merge_kept_num': merge,
     }
     path = os.path.join(args.output_dir, 'checkpoint.pth')
     atomic_torch_save(state, path)
@@ -394,20 +424,21 @@ def save_epoch(args, model, optimizers, schedulers, precision, model_ema, epoch,
         shutil.copyfile(path, tmp)
         os.replace(tmp, os.path.join(args.output_dir, 'model_best.pth'))
     save_schedule(os.path.join(args.output_dir, 'compression_rate.json'), args.model, args.target_flops,
-                  prune, merge, gflops=round(float(model.flops().detach()) / 1e9, 4), epoch=epoch,
+                  schedule, gflops=round(float(model.flops().detach()) / 1e9, 4), epoch=epoch,
                   data=args.data_path or args.data_set, input_size=args.input_size)
 
 
-def describe_model(model: models.SDT2Net, args, device, precision, ranges) -> Dict:
+def describe_model(model: models.SDT2Net, args, device, precision, gflops_dense: float) -> Dict:
     """Schedule, FLOPs (analytic and fvcore's), parameters and throughput of the evaluated model."""
-    prune, merge = model.get_kept_num()
+    schedule = model.schedule()
     gflops_fvcore = models.fvcore_flops(model, args.input_size, device) / 1e9
+    throughput = measure_throughput(model, args.throughput_batch, args.input_size, device, precision) \
+        if args.throughput_batch > 0 else None
     return {
         'model': args.model, 'target_flops': args.target_flops, 'input_size': args.input_size,
         'gflops': float(model.flops().detach()) / 1e9, 'gflops_fvcore': gflops_fvcore,
-        'gflops_dense': ranges['dense'], 'parameters': sum(p.numel() for p in model.weight_parameters()),
-        'throughput': measure_throughput(model, args.throughput_batch, args.input_size, device, precision),
-        'device': str(device), 'prune_kept_num': prune, 'merge_kept_num': merge,
+        'gflops_dense': gflops_dense, 'parameters': sum(p.numel() for p in model.weight_parameters()),
+        'throughput': throughput, 'device': str(device), **schedule.as_dict(),
     }
 
 

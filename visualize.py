@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import sys
-from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 import matplotlib
@@ -21,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from utils import UserError, load_checkpoint  # noqa: E402
+from factory import load_run_model  # noqa: E402
+from utils import UserError  # noqa: E402
 
 
 def read_json(path: str) -> Dict:
@@ -112,17 +112,6 @@ def plot_pareto(runs: List[str], out_dir: str) -> str:
     ax.set_title('accuracy against FLOPs')
     ax.grid(alpha=0.3)
     return save(fig, out_dir, 'accuracy_vs_flops.png')
-
-
-def load_run_model(run: str):
-    """The run's model with its checkpoint, in evaluation mode; and its args."""
-    from main import build_model
-    # The run's configuration, without fetching or loading its starting weights again.
-    args = SimpleNamespace(**{**read_json(os.path.join(run, 'args.json')), 'pretrained': False, 'finetune': ''})
-    checkpoint = load_checkpoint(os.path.join(run, 'checkpoint.pth'))
-    model = build_model(args, num_classes=len(checkpoint['class_names']))
-    model.load_state_dict(checkpoint['model'])
-    return model.eval(), args
 
 
 def plot_token_groups(run: str, data_path: str, num_images: int = 4, depths: Optional[List[int]] = None) -> str:

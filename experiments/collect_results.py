@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from benchmark import measure  # noqa: E402
 from compression_schedule import DEFAULT_FILE, save_schedule  # noqa: E402
-from visualize import load_run_model  # noqa: E402
+from factory import load_run_model  # noqa: E402
 
 ROWS = [  # run folder, description
     ('deit_dense', 'DeiT-Tiny, dense (no EAB, no FTF, no compression)'),

@@ -1,7 +1,9 @@
 """SDT2Net models; importing this package registers them with timm."""
 from .checkpoint import adapt_state_dict, unwrap_state_dict
-from .flops import analytic_flops, fvcore_flops
+from .flops import ModelShape, analytic_flops, fvcore_flops
 from .ftf import pade_sqrtm
+from .schedule import Schedule, flops_range, smallest_schedule, uniform_schedule
 from .sdt2net import SDT2Net
 
-__all__ = ['SDT2Net', 'adapt_state_dict', 'unwrap_state_dict', 'analytic_flops', 'fvcore_flops', 'pade_sqrtm']
+__all__ = ['SDT2Net', 'Schedule', 'ModelShape', 'adapt_state_dict', 'unwrap_state_dict', 'analytic_flops',
+           'fvcore_flops', 'pade_sqrtm', 'flops_range', 'smallest_schedule', 'uniform_schedule']

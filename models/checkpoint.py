@@ -19,7 +19,8 @@ def unwrap_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:
 
 
 def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Return a state_dict that loads into `model` (with strict=False for missing SDT2Net parts).
+    """Return the network weights of a checkpoint that load into `model` (strict=False for
+    missing SDT2Net parts and the rates).
 
     Removes classifier weights whose class count differs, drops distillation tokens, resamples
     the position embedding to the model's grid. Raises ValueError when the checkpoint belongs to
@@ -29,15 +30,15 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
     target = model.state_dict()
     adapted, mismatched = {}, []
     for key, value in state_dict.items():
-        if key.startswith(_FOREIGN_PREFIXES) or key not in target:
+        # NOTE rates.* are the schedule search's state, not network weights: loading weights never
+        # fixes, releases or moves a schedule (the run decides that; checkpoints store it apart).
+        if key.startswith(_FOREIGN_PREFIXES + ('rates.',)) or key not in target:
             continue
         if key == 'pos_embed' and value.shape != target[key].shape and value.shape[-1] == target[key].shape[-1]:
             value = resample_abs_pos_embed(value, new_size=model.patch_embed.grid_size, num_prefix_tokens=1)
         if value.shape != target[key].shape:
             if key.startswith(('head.', 'ftf.fc.')):
                 continue  # another class count: the classifier is trained anew
-            if key.startswith('rates.') and key != 'rates.fixed':
-                continue  # another granularity or image size: the search starts anew
             mismatched.append(f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[key].shape)}')
             continue
         adapted[key] = value

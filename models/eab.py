@@ -1,12 +1,14 @@
-"""EAB: shift-convolution refinement of queries and keys on each image's patch grid.
+"""EAB: shift-convolution refinement of queries and keys, at a cost that follows the kept tokens.
 
-The shift-conv module (SCM) follows ELAN's local feature extraction: shift channel groups by one
-patch (left, right, up, down, identity), 1x1 conv expanding channels by `exp_ratio`, ReLU, shift,
-1x1 conv back, residual. It runs on the 2-D patch grid of every image separately. After pruning
-and merging, each surviving token is painted onto the patches it owns (pruned patches are zero),
-the SCM runs on the grid, and each token takes the mean of its patches' outputs.
+The shift-conv module (SCM) follows ELAN's local feature extraction: shift channel groups by
+`shift` patches (left, right, up, down, identity), 1x1 conv expanding channels by `exp_ratio`,
+ReLU, shift, 1x1 conv back, residual. The 1x1 convs are per-token operations and run on the N
+tokens that are present (cost 2 * exp_ratio * N * C^2 per SCM); only the shifts use each image's
+2-D patch grid: every token is painted onto the patches it owns (pruned patches are zero), the
+channel groups move, and every token reads back the mean over its patches. While no token has
+been pruned or merged the grid is the token sequence itself and nothing is painted.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,69 +17,106 @@ from torch import nn
 from .token_ops import TokenState
 
 
-def shift_channel_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """Shift five channel slices of every group by one pixel, zero filled.
+def shift_channel_groups(grid: torch.Tensor, groups: int, shift: int) -> torch.Tensor:
+    """Shift five channel slices of every group by `shift` patches, zero filled.
 
-    x: [B, C, H, W] -> [B, C, H, W]. Within each of `groups` channel groups the channels are
-    split in five: shifted left, right, up, down, and left in place.
+    grid: [B, H, W, C] (channels last) -> [B, H, W, C]. Within each of `groups` channel groups
+    the channels are split in five: moved left, right, up, down, and left in place.
     """
-    B, C, H, W = x.shape
-    x = x.view(B, groups, C // groups, H, W)
-    g = C // groups // 5
+    B, H, W, C = grid.shape
+    x = grid.view(B, H, W, groups, C // groups)
+    g, s = C // groups // 5, shift
     out = torch.zeros_like(x)
-    out[:, :, 0 * g:1 * g, :, :-1] = x[:, :, 0 * g:1 * g, :, 1:]   # left
-    out[:, :, 1 * g:2 * g, :, 1:] = x[:, :, 1 * g:2 * g, :, :-1]   # right
-    out[:, :, 2 * g:3 * g, :-1, :] = x[:, :, 2 * g:3 * g, 1:, :]   # up
-    out[:, :, 3 * g:4 * g, 1:, :] = x[:, :, 3 * g:4 * g, :-1, :]   # down
-    out[:, :, 4 * g:] = x[:, :, 4 * g:]                            # identity
-    return out.view(B, C, H, W)
+    out[:, :, :-s, :, 0 * g:1 * g] = x[:, :, s:, :, 0 * g:1 * g]   # left
+    out[:, :, s:, :, 1 * g:2 * g] = x[:, :, :-s, :, 1 * g:2 * g]   # right
+    out[:, :-s, :, :, 2 * g:3 * g] = x[:, s:, :, :, 2 * g:3 * g]   # up
+    out[:, s:, :, :, 3 * g:4 * g] = x[:, :-s, :, :, 3 * g:4 * g]   # down
+    out[..., 4 * g:] = x[..., 4 * g:]                              # identity
+    return out.view(B, H, W, C)
+
+
+class PatchGrid:
+    """Moves token features to each image's patch grid and back (B batch, N tokens, P patches).
+
+    owner: [B, P] index of the token (among the N patch tokens) that owns each patch, N for a
+    pruned patch; None for the identity layout (token p is patch p).
+    """
+
+    def __init__(self, grid_size: Tuple[int, int], owner: Optional[torch.Tensor], num_tokens: int) -> None:
+        self.grid_size = grid_size
+        self.owner = owner
+        self.num_tokens = num_tokens
+        self.count = None
+        if owner is not None:  # patches per token, [B, N + 1, 1] (the last row counts pruned patches)
+            ones = torch.ones(owner.shape + (1,), dtype=torch.float32, device=owner.device)
+            self.count = ones.new_zeros(owner.shape[0], num_tokens + 1, 1).scatter_add_(1, owner[..., None], ones)
+            self.count = self.count.clamp_(min=1)
+
+    def shift(self, tokens: torch.Tensor, groups: int, shift: int) -> torch.Tensor:
+        """tokens: [B, N, C] -> [B, N, C], each the mean of its patches after the grid shift."""
+        B, N, C = tokens.shape
+        H, W = self.grid_size
+        if self.owner is None:
+            return shift_channel_groups(tokens.reshape(B, H, W, C), groups, shift).reshape(B, N, C)
+        index = self.owner[..., None].expand(-1, -1, C)  # [B, P, C]
+        padded = torch.cat([tokens, tokens.new_zeros(B, 1, C)], dim=1)  # [B, N + 1, C], row N: pruned
+        painted = padded.gather(1, index).view(B, H, W, C)
+        moved = shift_channel_groups(painted, groups, shift).view(B, H * W, C)
+        summed = padded.new_zeros(B, N + 1, C).scatter_add_(1, index, moved)
+        return (summed / self.count.to(summed.dtype))[:, :N]
 
 
 class ShiftConvModule(nn.Module):
-    """SCM: x + conv1(shift(relu(conv0(shift(x))))) on a [B, C, H, W] grid."""
+    """SCM on patch tokens: t + reduce(shift(relu(expand(shift(t))))), the shifts on the grid.
 
-    def __init__(self, dim: int, exp_ratio: float = 2.0, groups: int = 1) -> None:
+    The last conv starts at zero, so that the module starts as the identity (a pretrained
+    attention is unchanged until fine-tuning moves it).
+    """
+
+    def __init__(self, dim: int, exp_ratio: float = 2.0, groups: int = 1, shift: int = 2) -> None:
         super().__init__()
         hidden = int(dim * exp_ratio)
         if dim % groups or hidden % groups or dim // groups < 5:
             raise ValueError(f'EAB: dim {dim} and hidden {hidden} must split into {groups} groups of >= 5 channels')
+        if shift < 1:
+            raise ValueError(f'EAB: the shift must be at least 1 patch, got {shift}')
         self.groups = groups
-        self.expand = nn.Conv2d(dim, hidden, kernel_size=1, groups=groups)
-        self.reduce = nn.Conv2d(hidden, dim, kernel_size=1, groups=groups)
+        self.shift = shift
+        # 1x1 convolutions over tokens, [B, C, N] layout
+        self.expand = nn.Conv1d(dim, hidden, kernel_size=1, groups=groups)
+        self.reduce = nn.Conv1d(hidden, dim, kernel_size=1, groups=groups)
+        nn.init.zeros_(self.reduce.weight)
+        nn.init.zeros_(self.reduce.bias)
 
-    def delta(self, grid: torch.Tensor) -> torch.Tensor:
-        """The residual branch alone: [B, C, H, W] -> [B, C, H, W]."""
-        y = F.relu(self.expand(shift_channel_groups(grid, self.groups)))
-        return self.reduce(shift_channel_groups(y, self.groups))
+    def delta(self, tokens: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+        """The residual branch alone: patch tokens [B, N, C] -> [B, N, C]."""
+        y = grid.shift(tokens, self.groups, self.shift)
+        y = F.relu(self.expand(y.transpose(1, 2))).transpose(1, 2)  # [B, N, hidden]
+        y = grid.shift(y, self.groups, self.shift)
+        return self.reduce(y.transpose(1, 2)).transpose(1, 2)
 
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        return grid + self.delta(grid)
+    def forward(self, tokens: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+        return tokens + self.delta(tokens, grid)
 
 
 class EfficientAttentionShift(nn.Module):
-    """Refines q and k, [B, N, C] each, with one SCM apiece on the patch grid."""
+    """Refines q and k, [B, N, C] each (class token first, left unchanged), with one SCM shared
+    by both (the official code's structure) or one each (`shared=False`)."""
 
-    def __init__(self, dim: int, exp_ratio: float = 2.0, groups: int = 1) -> None:
+    def __init__(self, dim: int, exp_ratio: float = 2.0, groups: int = 1, shift: int = 2,
+                 shared: bool = True) -> None:
         super().__init__()
-        self.scm_q = ShiftConvModule(dim, exp_ratio, groups)
-        self.scm_k = ShiftConvModule(dim, exp_ratio, groups)
+        self.scm_q = ShiftConvModule(dim, exp_ratio, groups, shift)
+        self.scm_k = None if shared else ShiftConvModule(dim, exp_ratio, groups, shift)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self._refine(self.scm_q, q, state), self._refine(self.scm_k, k, state)
-
-    @staticmethod
-    def _refine(scm: ShiftConvModule, t: torch.Tensor, state: TokenState) -> torch.Tensor:
-        B, N, C = t.shape
-        H, W = state.grid_size
-        if state.owner is None:  # identity layout: tokens 1..P are the patches in raster order
-            grid = t[:, 1:].transpose(1, 2).reshape(B, C, H, W)
-            delta = scm.delta(grid).flatten(2).transpose(1, 2)  # [B, P, C]
-            return torch.cat([t[:, :1], t[:, 1:] + delta], dim=1)
-        owner = state.owner  # [B, P], value N = pruned patch
-        padded = torch.cat([t, t.new_zeros(B, 1, C)], dim=1)  # [B, N + 1, C]
-        painted = padded.gather(1, owner[..., None].expand(-1, -1, C))  # [B, P, C]
-        delta = scm.delta(painted.transpose(1, 2).reshape(B, C, H, W)).flatten(2).transpose(1, 2)
-        # Mean of each token's patch outputs; the class token owns no patch and is unchanged.
-        summed = padded.new_zeros(B, N + 1, C).scatter_add(1, owner[..., None].expand(-1, -1, C), delta)
-        count = padded.new_zeros(B, N + 1, 1).scatter_add(1, owner[..., None], padded.new_ones(B, owner.shape[1], 1))
-        return t + (summed / count.clamp(min=1))[:, :N]
+        B = q.shape[0]
+        owner = None if state.owner is None else state.owner - 1  # [B, P], among the patch tokens
+        if self.scm_k is None:  # one SCM: q and k run as one batch of 2B sequences
+            both = torch.cat([q, k], dim=0)
+            grid = PatchGrid(state.grid_size, None if owner is None else owner.repeat(2, 1), both.shape[1] - 1)
+            refined = torch.cat([both[:, :1], self.scm_q(both[:, 1:], grid)], dim=1)
+            return refined[:B], refined[B:]
+        grid = PatchGrid(state.grid_size, owner, q.shape[1] - 1)
+        return (torch.cat([q[:, :1], self.scm_q(q[:, 1:], grid)], dim=1),
+                torch.cat([k[:, :1], self.scm_k(k[:, 1:], grid)], dim=1))

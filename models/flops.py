@@ -41,23 +41,28 @@ def analytic_flops(shape: ModelShape, prune: torch.Tensor, merge: torch.Tensor) 
     # new_full fills on the device; new_tensor would copy from the host (a GPU sync per step)
     dense = prune.new_full((), P + 1)
     total = prune.new_full((), P * C * shape.in_chans * shape.patch_size ** 2)  # patch embedding
-    eab = 4 * P * C * int(C * shape.eab_ratio) / shape.eab_groups if shape.eab_ratio else 0.0
+    # EAB: two 1x1 convs (C -> hidden -> C) per SCM on the patch tokens present, for q and k
+    eab_per_token = 4 * C * int(C * shape.eab_ratio) / shape.eab_groups if shape.eab_ratio else 0.0
     n_in = dense
     for block in range(shape.depth):
         if block == 0:
-            p = m = dense
+            p = m = after = dense
             importance = 0.0
         else:
             p, m = prune[block - 1], merge[block - 1]
+            # NOTE m tokens leave the block (m <= p). As DiffRate's ste_min, the gradient of that
+            # count reaches both the prune and the merge count: the budget presses on both, and
+            # the task loss decides which of the two removes a token.
+            after = m + (p - p.detach())
             compresses = (m.detach() < n_in.detach()).double()
             importance = compresses * n_in * C           # class-token attention row
         total = total + 5 * n_in * C                     # norm1
         total = total + 4 * n_in * C * C                 # qkv + proj
-        total = total + eab                              # two shift-conv modules on the full grid
+        total = total + eab_per_token * (n_in - 1)       # shift-conv modules on q and k
         total = total + 2 * n_in * n_in * C              # q @ k^T and attn @ v
         total = total + importance + (p - m) * m * C     # sorting row, merge similarity
-        total = total + 5 * m * C + 2 * m * C * shape.mlp_hidden  # norm2 + MLP
-        n_in = m
+        total = total + 5 * after * C + 2 * after * C * shape.mlp_hidden  # norm2 + MLP
+        n_in = after
     total = total + 5 * n_in * C + C * shape.num_classes  # final norm + class-token head
     if shape.ftf_dim:
         d = shape.ftf_dim

@@ -260,14 +260,26 @@ class SecondOrderHead(nn.Module):
         rows, cols = torch.triu_indices(dim, dim)
         self.register_buffer('triu_rows', rows, persistent=False)
         self.register_buffer('triu_cols', cols, persistent=False)
-        self.fc = nn.Linear(dim * (dim + 1) // 2, num_classes) if num_classes > 0 else nn.Identity()
+        self.num_features = dim * (dim + 1) // 2
+        self.reset_classifier(num_classes)
 
     def reset_classifier(self, num_classes: int) -> None:
-        device = self.triu_rows.device
-        self.fc = nn.Linear(self.dim * (self.dim + 1) // 2, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        """A new classifier, starting at zero: the model's logits are then the class-token head's
+        alone (a pretrained DeiT's, before fine-tuning), and the zero layer still gets gradients."""
+        self.fc = nn.Linear(self.num_features, num_classes, device=self.triu_rows.device) if num_classes > 0 \
+            else nn.Identity()
+        if num_classes > 0:
+            nn.init.zeros_(self.fc.weight)
+            nn.init.zeros_(self.fc.bias)
 
     def forward(self, tokens: torch.Tensor, size: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens: [B, N, C] patch tokens; size: [B, N, 1]; mask: [B, N] straight-through keep mask."""
+        features = self.features(tokens, size, mask)
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            return self.fc(features)
+
+    def features(self, tokens: torch.Tensor, size: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The pooled second-order features before the classifier: [B, dim * (dim + 1) / 2]."""
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             dtype = torch.promote_types(tokens.dtype, torch.float32)  # float32 or better
             feat = self.reduce(tokens.to(dtype))  # [B, N, d]
@@ -280,4 +292,4 @@ class SecondOrderHead(nn.Module):
             if mask is not None:
                 weight = weight * mask.to(dtype)[..., None]
             root = pade_sqrtm(add_ridge(weighted_covariance(torch.relu(feat), weight), self.eps))
-            return self.fc(root[:, self.triu_rows, self.triu_cols])
+            return root[:, self.triu_rows, self.triu_cols]

@@ -4,10 +4,13 @@ Every block but the first owns two distributions over candidate numbers of kept 
 one for pruning and one for merging. The kept count is the expectation under the distribution,
 ceiled with a straight-through estimator, and never increases with depth.
 """
-from typing import List, Optional, Sequence, Tuple
+import math
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from .schedule import Schedule
 
 
 def ste_ceil(x: torch.Tensor) -> torch.Tensor:
@@ -15,11 +18,16 @@ def ste_ceil(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.ceil(x) - x).detach()
 
 
+SEARCH_STARTS = ('uniform', 'dense')
+
+
 class CompressionRates(nn.Module):
     """Prune and merge kept counts of blocks 1..depth-1, as learnable distributions.
 
     Rows of `logits` interleave the stages in execution order: prune(1), merge(1), prune(2), ...
-    Counts are numbers of *patch* tokens inside the module; the public API adds the class token.
+    Counts are numbers of *patch* tokens inside the module; `Schedule` converts to the public
+    layout. A schedule fixed with `fix` overrides the distributions; it is not part of the
+    state_dict (the weights), checkpoints store it on its own.
     """
 
     def __init__(self, depth: int, num_patches: int, granularity: int = 4) -> None:
@@ -37,24 +45,40 @@ class CompressionRates(nn.Module):
         self.register_buffer('positions', positions, persistent=False)
         # NOTE zeros = uniform distribution, as DiffRate starts its search.
         self.logits = nn.Parameter(torch.zeros(self.num_stages, len(candidates)))
-        # Kept patch count fixed by set_kept_num (-1: learned). Stored in checkpoints.
-        self.register_buffer('fixed', torch.full((self.num_stages,), -1, dtype=torch.long))
+        # Kept patch count of every stage fixed by `fix` (-1: learned).
+        self.register_buffer('fixed', torch.full((self.num_stages,), -1, dtype=torch.long), persistent=False)
         self._cache: Optional[Tuple[tuple, torch.Tensor, List[int]]] = None  # key, counts on device, on host
 
     @property
     def is_fixed(self) -> bool:
         return bool((self.fixed >= 0).all())
 
+    def reset(self, start: str = 'uniform') -> None:
+        """Restart the distributions: 'uniform' (DiffRate's start: every candidate equally likely,
+        about half the tokens kept) or 'dense' (95% of the mass on keeping every token)."""
+        if start not in SEARCH_STARTS:
+            raise ValueError(f'search start must be one of {SEARCH_STARTS}, got {start!r}')
+        with torch.no_grad():
+            self.logits.zero_()
+            if start == 'dense':
+                # NOTE log(K) + 3 puts 95% of the mass on full keep (the expectation keeps about 97%
+                # of the tokens): nearer to 100% the softmax saturates, and the search would need
+                # hundreds of steps before its counts move at all.
+                self.logits[:, 0] = math.log(self.logits.shape[1]) + 3.0
+
     def stage_patches(self) -> torch.Tensor:
         """Kept patch count of every stage, [2 * (depth - 1)], integer-valued, differentiable.
 
-        Forward values are ceil(E[count]) chained by a running minimum; gradients flow to the
-        logits through the expectation (straight-through).
+        Forward values are ceil(E[count]) chained by a running minimum. Gradients reach every
+        stage's own logits through its expectation, also where an earlier stage's smaller count
+        is the one that holds (DiffRate's straight-through min): routing them to the earlier
+        stage instead would leave a clamped stage with no budget signal at all.
         """
         expected = self.logits.softmax(dim=-1) @ self.candidates  # [S]
         counts = ste_ceil(expected)
         counts = torch.where(self.fixed >= 0, self.fixed.to(counts.dtype), counts)
-        return torch.cummin(counts, dim=0).values
+        running = torch.cummin(counts.detach(), dim=0).values
+        return counts + (running - counts).detach()
 
     def _hard_counts(self) -> Tuple[torch.Tensor, List[int]]:
         """stage_patches() without gradient, [S] on the device and as a host list (one host sync;
@@ -71,41 +95,36 @@ class CompressionRates(nn.Module):
         return list(self._hard_counts()[1])
 
     def token_masks(self) -> torch.Tensor:
-        """Straight-through keep masks over sorted positions, [S, N + 1].
+        """Straight-through keep masks over sorted positions, [S, N + 1] (position 0 = class token).
 
-        Forward: 1 for positions <= kept count (position 0 is the class token), else 0.
+        Forward: a stage zeroes the positions it removes itself, (its count, the count before it],
+        and leaves 1 everywhere else; the block multiplies its stages' masks into the running mask.
         Backward: gradient of P(position kept) = sum of probabilities of candidates >= position.
+        NOTE positions removed by another stage must read 1 here, not 0: in the product
+        mask = previous * prune * merge, d mask / d prune at a pruned position is merge's value
+        there, so a merge mask of 0 beyond the prune count would hide from the prune distribution
+        every token it prunes, and the search would see pruning as free.
         The counts are hard_stage_patches' own device tensor: copying the host's list over would
         synchronise the GPU in every training step.
         """
         counts = self._hard_counts()[0]  # [S], integer-valued
-        hard = (self.positions[None] <= counts[:, None]).to(self.logits.dtype)  # [S, N+1]
+        before = torch.cat([counts.new_full((1,), self.num_patches), counts[:-1]])  # [S]
+        positions = self.positions[None]  # [1, N+1]
+        removed = (positions > counts[:, None]) & (positions <= before[:, None])  # [S, N+1]
+        hard = (~removed).to(self.logits.dtype)
         soft = self.logits.softmax(dim=-1) @ self.keeps_position.T.to(self.logits.dtype)  # [S, N+1]
         soft = torch.where((self.fixed >= 0)[:, None], hard, soft)
         return hard + soft - soft.detach()
 
-    def set_kept_num(self, prune: Sequence[int], merge: Sequence[int]) -> None:
-        """Fix the schedule; counts include the class token, one per block (block 0 is dense)."""
-        full = self.num_patches + 1
-        for name, counts in (('prune', prune), ('merge', merge)):
-            if len(counts) != self.depth:
-                raise ValueError(f'{name} schedule has {len(counts)} entries, the model has {self.depth} blocks')
-            if int(counts[0]) != full:
-                raise ValueError(f'{name} schedule must keep all {full} tokens in block 0, got {counts[0]}')
-            bad = [c for c in counts if not 2 <= int(c) <= full]
-            if bad:
-                raise ValueError(f'{name} kept counts must lie in [2, {full}], got {bad}')
-        stages = [int(c) - 1 for pair in zip(prune[1:], merge[1:]) for c in pair]
-        self.fixed.copy_(torch.tensor(stages, dtype=torch.long))
+    def fix(self, schedule: Schedule) -> None:
+        """Fix the schedule (evaluation, fine-tuning); raises ValueError if it does not fit."""
+        schedule.check(self.depth, self.num_patches)
+        self.fixed.copy_(torch.tensor(schedule.stages(), dtype=torch.long))
 
     def release(self) -> None:
-        """Return to the learned schedule (undo set_kept_num)."""
+        """Return to the learned schedule (undo fix)."""
         self.fixed.fill_(-1)
 
-    def kept_num(self) -> Tuple[List[int], List[int]]:
-        """(prune, merge) kept counts per block, class token included; block 0 keeps everything."""
-        stages = self.hard_stage_patches()
-        full = self.num_patches + 1
-        prune = [full] + [c + 1 for c in stages[0::2]]
-        merge = [full] + [c + 1 for c in stages[1::2]]
-        return prune, merge
+    def schedule(self) -> Schedule:
+        """The schedule in force: the fixed one, or the learned one's hard counts."""
+        return Schedule.from_stages(self.hard_stage_patches(), self.num_patches)

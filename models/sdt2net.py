@@ -18,6 +18,7 @@ from .eab import EfficientAttentionShift
 from .flops import ModelShape, analytic_flops
 from .ftf import SecondOrderHead
 from .rates import CompressionRates
+from .schedule import Schedule
 from .token_ops import TokenState, compress
 
 
@@ -77,10 +78,10 @@ class SDT2NetBlock(Block):
     """Pre-norm transformer block: attention (with EAB), token compression, MLP."""
 
     def __init__(self, dim: int, num_heads: int, *, eab_ratio: Optional[float] = None, eab_groups: int = 1,
-                 **kwargs) -> None:
+                 eab_shift: int = 2, eab_shared: bool = True, **kwargs) -> None:
         kwargs['attn_layer'] = SDT2NetAttention
         super().__init__(dim, num_heads, **kwargs)
-        self.eab = EfficientAttentionShift(dim, eab_ratio, eab_groups) if eab_ratio else None
+        self.eab = EfficientAttentionShift(dim, eab_ratio, eab_groups, eab_shift, eab_shared) if eab_ratio else None
 
     def forward(self, x: torch.Tensor, state: TokenState, kept: Optional[Tuple[int, int]] = None,
                 keep_masks: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, TokenState]:
@@ -98,21 +99,30 @@ class SDT2Net(VisionTransformer):
     """VisionTransformer with learned token pruning/merging, EAB and a second-order head.
 
     Extra arguments: eab (bool), eab_ratio (SCM expansion, official 2), eab_groups (1, or e.g.
-    num_heads for the cheap grouped variant), ftf (bool), ftf_dim (48), granularity (candidate step).
+    num_heads for the cheap grouped variant), eab_shift (patches the SCM shifts by, official 2,
+    ELAN 1), eab_shared (one SCM for q and k, official; False: one each), ftf (bool), ftf_dim
+    (48), granularity (candidate step).
     """
 
-    def __init__(self, *, eab: bool = True, eab_ratio: float = 2.0, eab_groups: int = 1, ftf: bool = True,
-                 ftf_dim: int = 48, granularity: int = 4, **kwargs) -> None:
+    def __init__(self, *, eab: bool = True, eab_ratio: float = 2.0, eab_groups: int = 1, eab_shift: int = 2,
+                 eab_shared: bool = True, ftf: bool = True, ftf_dim: int = 48, granularity: int = 4,
+                 **kwargs) -> None:
         kwargs.setdefault('global_pool', 'token')
         if kwargs['global_pool'] != 'token' or not kwargs.get('class_token', True) or kwargs.get('reg_tokens', 0):
             raise ValueError('SDT2Net needs a class token and token pooling (no register tokens)')
-        block_fn = partial(SDT2NetBlock, eab_ratio=eab_ratio if eab else None, eab_groups=eab_groups)
+        block_fn = partial(SDT2NetBlock, eab_ratio=eab_ratio if eab else None, eab_groups=eab_groups,
+                           eab_shift=eab_shift, eab_shared=eab_shared)
         super().__init__(block_fn=block_fn, **kwargs)
         self.eab_ratio = eab_ratio if eab else 0.0
         self.eab_groups = eab_groups
         num_patches = self.patch_embed.num_patches
         self.rates = CompressionRates(len(self.blocks), num_patches, granularity)
         self.ftf = SecondOrderHead(self.embed_dim, self.num_classes, ftf_dim) if ftf else None
+        if self.ftf is not None:  # pre-logits: class token and second-order features side by side
+            self.head_hidden_size = self.embed_dim + self.ftf.num_features
+        # NOTE the token sizes and masks of the last forward_features, for forward_head: timm's
+        # contract passes only the tokens between the two (forward itself passes the state).
+        self._last_state: Optional[TokenState] = None
 
     # --- schedule -------------------------------------------------------------------------------
     def arch_parameters(self) -> List[torch.nn.Parameter]:
@@ -124,17 +134,35 @@ class SDT2Net(VisionTransformer):
         arch = {id(p) for p in self.arch_parameters()}
         return [p for p in self.parameters() if id(p) not in arch]
 
-    def get_kept_num(self) -> Tuple[List[int], List[int]]:
-        """(prune, merge) kept counts per block, class token included (197 = all at 224 px).
+    def schedule(self) -> Schedule:
+        """The schedule in force: the fixed one, or the learned one's current hard counts.
 
         A new model's rates are DiffRate's search start (uniform distributions, 101 of 197 kept
-        from block 1 on); set_kept_num with full counts gives the dense model.
+        from block 1 on); fix Schedule.dense(...) for the dense model.
         """
-        return self.rates.kept_num()
+        return self.rates.schedule()
+
+    def fix_schedule(self, schedule: Optional[Schedule]) -> None:
+        """Fix a schedule (evaluation, fine-tuning), or with None return to the learned one.
+        Raises ValueError when the schedule does not fit the model."""
+        if schedule is None:
+            self.rates.release()
+        else:
+            self.rates.fix(schedule)
+
+    @property
+    def schedule_is_fixed(self) -> bool:
+        return self.rates.is_fixed
+
+    def get_kept_num(self) -> Tuple[List[int], List[int]]:
+        """(prune, merge) kept counts per block, class token included (197 = all at 224 px)."""
+        schedule = self.schedule()
+        return list(schedule.prune), list(schedule.merge)
 
     def set_kept_num(self, prune: List[int], merge: List[int]) -> None:
-        """Fix the schedule (evaluation, fine-tuning). Counts are clipped to never increase."""
-        self.rates.set_kept_num(prune, merge)
+        """Fix the schedule from kept counts per block with DiffRate's API and semantics: the
+        counts are read as a running minimum (see Schedule.running_min and fix_schedule)."""
+        self.fix_schedule(Schedule(prune, merge).running_min())
 
     def shape(self) -> ModelShape:
         return ModelShape(
@@ -174,16 +202,41 @@ class SDT2Net(VisionTransformer):
         return self.norm(x), state, owners
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(x)[0]
+        tokens, self._last_state, _ = self.forward_tokens(x)
+        return tokens
+
+    def _head(self, tokens: torch.Tensor, state: Optional[TokenState], pre_logits: bool) -> torch.Tensor:
+        """tokens: [B, N, C] -> logits [B, num_classes], or pre-logits [B, head_hidden_size]
+        when asked for or when the model has no classifier (num_classes=0)."""
+        pooled = super().forward_head(tokens, pre_logits=True)  # [B, C], class token
+        if self.ftf is None:
+            return pooled if pre_logits else self.head(pooled)
+        if state is None:  # every token stands for one patch
+            state = TokenState(alive=tokens.shape[1], grid_size=tuple(self.patch_embed.grid_size))
+        size = state.sizes(tokens)[:, 1:]
+        mask = state.mask[:, 1:] if state.mask is not None else None
+        if pre_logits or self.num_classes == 0:
+            second = self.ftf.features(tokens[:, 1:], size, mask)
+            return torch.cat([pooled, second.to(pooled.dtype)], dim=-1)
+        return self.head(pooled) + self.ftf(tokens[:, 1:], size, mask).to(pooled.dtype)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """x: forward_features' tokens [B, N, C]; their sizes and masks come from that call."""
+        state = self._last_state
+        if state is not None:
+            carried = state.size if state.size is not None else state.mask
+            if carried is not None and tuple(carried.shape[:2]) != tuple(x.shape[:2]):
+                state = None  # not the tokens of the last forward_features
+        return self._head(x, state, pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens, state, _ = self.forward_tokens(x)
-        logits = self.forward_head(tokens)
-        if self.ftf is not None:
-            size = state.sizes(tokens)[:, 1:]
-            mask = state.mask[:, 1:] if state.mask is not None else None
-            logits = logits + self.ftf(tokens[:, 1:], size, mask).to(logits.dtype)
-        return logits
+        return self._head(tokens, state, pre_logits=False)
+
+    def forward_intermediates(self, *args, **kwargs):
+        raise NotImplementedError(
+            'SDT2Net removes and merges tokens block by block, so its intermediate token maps do not '
+            'form a patch grid; use forward_tokens(x, return_owners=True) for the tokens and their patches')
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         super().reset_classifier(num_classes, global_pool)
@@ -205,11 +258,16 @@ def _create_sdt2net(variant: str, pretrained: bool = False, **kwargs) -> SDT2Net
     for key in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir'):
         kwargs.pop(key, None)  # timm.create_model passes these; the DeiT config below is used
     pretrained_cfg = get_pretrained_cfg(pretrained_tag)
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         SDT2Net, f'sdt2net_{variant}_patch16_224', pretrained,
         pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg is not None else None,
         pretrained_filter_fn=lambda state_dict, model: adapt_state_dict(state_dict, model),
         pretrained_strict=False, **dict(arch, **kwargs))
+    # what timm.data.resolve_data_config reads: this model's own input size (DeiT's mean/std)
+    img_size = model.patch_embed.img_size
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(model.in_chans, *img_size),
+                                num_classes=model.num_classes)
+    return model
 
 
 @register_model

@@ -13,11 +13,13 @@ from conftest import REFERENCE_SCHEDULES, ROOT
 
 def test_benchmark_runs_every_part_and_reports_every_ratio(tmp_path):
     report = tmp_path / 'bench.json'
-    subprocess.run([sys.executable, 'benchmark.py', '--batch-size', '2', '--repeats', '1', '--warmup', '0',
-                    '--json', str(report)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, 'benchmark.py', '--batch-size', '2', '--inference-batches', '1', '2',
+                    '--repeats', '1', '--warmup', '0', '--json', str(report)], cwd=ROOT, check=True, capture_output=True)
     results = json.loads(report.read_text())
-    expected = ['speedup/flops-ratio EAB/FTF off', 'speedup/flops-ratio EAB+FTF', 'full-keep throughput / timm',
-                'train step / timm', 'pade speedup over eigh', 'pade max relative error',
+    expected = [f'{ratio} batch {batch}' for batch in (1, 2)
+                for ratio in ('speedup/flops-ratio EAB/FTF off', 'speedup/flops-ratio EAB+FTF',
+                              'full-keep throughput / timm', 'EAB+FTF at DeiT-S FLOPs throughput / timm')]
+    expected += ['train step / timm', 'pade speedup over eigh', 'pade max relative error',
                 'pade max relative gradient error']
     for key in expected:
         assert math.isfinite(results[key]) and results[key] > 0, (key, results.get(key))
@@ -26,4 +28,4 @@ def test_benchmark_runs_every_part_and_reports_every_ratio(tmp_path):
 
 @pytest.mark.skipif(not os.path.exists(REFERENCE_SCHEDULES), reason='needs ../shared/reference')
 def test_builtin_schedule_equals_diffrates_published_one():
-    assert benchmark.vit_s_2_9_schedule() == tuple(benchmark.VIT_S_2_9)
+    assert benchmark.vit_s_2_9_schedule() == benchmark.VIT_S_2_9

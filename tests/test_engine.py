@@ -11,7 +11,7 @@ from engine import Precision, SearchObjective, confusion_metrics, train_one_epoc
 def test_search_modes_update_the_right_parameters(mode, weights_move, rates_move):
     model = small_sdt2net()
     if mode == 'weights':
-        model.set_kept_num(*model.get_kept_num())
+        model.fix_schedule(model.schedule())
     optimizers = {}
     if mode != 'arch':
         optimizers['weights'] = torch.optim.SGD(model.weight_parameters(), lr=0.1)
@@ -24,9 +24,10 @@ def test_search_modes_update_the_right_parameters(mode, weights_move, rates_move
     weights_before = model.head.weight.detach().clone()
     rates_before = model.rates.logits.detach().clone()
     loader = [(torch.randn(4, 3, 64, 64), torch.randint(0, 5, (4,))) for _ in range(4)]
-    stats = train_one_epoch(model, torch.nn.CrossEntropyLoss(), loader, len(loader), optimizers,
-                            SearchObjective(mode, target_gflops=0.001, flops_weight=5.0), torch.device('cpu'),
-                            Precision('cpu', None), epoch=0, print_freq=100)
+    stats = train_one_epoch(model, criterion=torch.nn.CrossEntropyLoss(), loader=loader, num_steps=len(loader),
+                            optimizers=optimizers, device=torch.device('cpu'), precision=Precision('cpu', None),
+                            objective=SearchObjective(mode, target_gflops=0.001, flops_weight=5.0), epoch=0,
+                            print_freq=100)
     assert torch.isfinite(torch.tensor(stats['loss']))
     assert (not torch.equal(model.head.weight, weights_before)) == weights_move
     assert (not torch.equal(model.rates.logits, rates_before)) == rates_move

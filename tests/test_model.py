@@ -30,13 +30,16 @@ def test_registered_and_builds(name):
     assert len(prune) == len(merge) == 12 and prune[0] == merge[0] == 17
 
 
+@pytest.mark.parametrize('eab,ftf', [(False, False), (True, True)])
 @pytest.mark.parametrize('train', [False, True])
-def test_full_keep_equals_timm_deit(train):
+def test_full_keep_equals_timm_deit(train, eab, ftf):
+    """DeiT weights in SDT2Net at full keep compute DeiT's function; with EAB and FTF on too,
+    because both start as the identity (zero last conv, zero second-order classifier)."""
     deit = timm.create_model('deit_tiny_patch16_224', num_classes=10, img_size=96)
-    ours = timm.create_model('sdt2net_tiny_patch16_224', num_classes=10, img_size=96, eab=False, ftf=False)
-    missing, unexpected = ours.load_state_dict(deit.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith('rates.') for k in missing)
-    ours.set_kept_num([37] * 12, [37] * 12)
+    ours = timm.create_model('sdt2net_tiny_patch16_224', num_classes=10, img_size=96, eab=eab, ftf=ftf)
+    missing, unexpected = ours.load_state_dict(models.adapt_state_dict(deit.state_dict(), ours), strict=False)
+    assert not unexpected and all(k.startswith(('rates.', 'ftf.')) or '.eab.' in k for k in missing)
+    ours.fix_schedule(models.Schedule.dense(12, 36))
     deit.train(train), ours.train(train)
     x = torch.randn(3, 3, 96, 96)
     torch.testing.assert_close(ours(x), deit(x), atol=2e-5, rtol=1e-4)
@@ -127,6 +130,8 @@ def test_batch_invariance_all_components(train):
 
 def test_rate_parameters_get_gradients_from_both_losses():
     model = small_sdt2net().train()
+    torch.nn.init.normal_(model.ftf.fc.weight, std=0.1)  # it starts at zero; the last block's
+    # compression reaches the loss only through the second-order head (the class token has left)
     x = torch.randn(2, 3, 64, 64)
     model(x).logsumexp(-1).sum().backward()
     grad = model.rates.logits.grad
@@ -146,12 +151,10 @@ def test_parameter_groups_partition_the_model():
 
 
 def test_rate_only_search_reaches_flops_target():
-    model = small_sdt2net(eab=False).train()  # EAB runs on the full grid: its cost does not shrink
+    model = small_sdt2net().train()
     for p in model.weight_parameters():
         p.requires_grad_(False)
-    model.set_kept_num([65] * 4, [65] * 4)
-    dense = float(model.flops().detach())
-    model.rates.release()
+    dense = models.Schedule.dense(4, 64).flops(model.shape())
     target = 0.5 * dense
     optimizer = torch.optim.Adam(model.arch_parameters(), lr=0.05)
     model.train()
@@ -163,9 +166,7 @@ def test_rate_only_search_reaches_flops_target():
         optimizer.step()
     achieved = float(model.eval().flops())
     assert abs(achieved - target) / target < 0.03, (achieved, target)
-    prune, merge = model.get_kept_num()
-    flat = [c for pair in zip(prune, merge) for c in pair]
-    assert all(a >= b for a, b in zip(flat, flat[1:])), 'kept counts never increase with depth'
+    model.schedule().check(4, 64)  # counts never increase with depth
 
 
 @pytest.mark.parametrize('eab,ftf,eab_groups', [(False, False, 1), (True, True, 1), (True, True, 2)])
@@ -239,14 +240,17 @@ def test_bfloat16_autocast_training_and_evaluation():
     assert torch.isfinite(model.rates.logits.grad).all() and model.rates.logits.grad.abs().sum() > 0
 
 
-def test_uniform_schedule_merges_only_and_meets_the_target():
-    from compression_schedule import uniform_schedule
+@pytest.mark.parametrize('mode', ['merge', 'prune'])
+def test_uniform_schedules_remove_evenly_and_meet_the_target(mode):
     model = timm.create_model('sdt2net_tiny_patch16_224', img_size=112, num_classes=45)
-    prune, merge = uniform_schedule(model, 0.35)
-    assert prune[1:] == merge[:-1], 'no pruning: every block starts from the previous block count'
-    steps = [a - b for a, b in zip(merge, merge[1:])]
-    assert max(steps) - min(steps) <= 1, 'the same number of merges in every block'
+    schedule = models.uniform_schedule(model.shape(), 0.35, mode)
+    removed = schedule.merged_tokens() if mode == 'merge' else schedule.pruned_tokens()
+    other = schedule.pruned_tokens() if mode == 'merge' else schedule.merged_tokens()
+    assert not any(other), f'a uniform {mode} schedule removes tokens only by {mode}'
+    assert max(removed[1:]) - min(removed[1:]) <= 1, 'the same number removed in every block'
+    model.fix_schedule(schedule)
     assert abs(float(model.flops().detach()) / 1e9 - 0.35) / 0.35 < 0.02
+    assert model.schedule() == schedule
 
 
 class HostDeviceSyncs(TorchDispatchMode):
@@ -305,3 +309,88 @@ def test_every_tensor_is_made_on_the_model_device(monkeypatch, fixed):
     model.eval()
     with torch.no_grad():
         assert model(x).shape == (2, 5)
+
+
+def test_prune_distribution_receives_the_gradient_of_the_tokens_it_prunes():
+    """A stage's straight-through mask reads 1 where another stage removed the token, so in
+    mask = previous * prune * merge every removed token's gradient reaches the stage that
+    removed it: pruned tokens the prune distribution, merged tokens the merge distribution."""
+    from models.rates import CompressionRates
+    rates = CompressionRates(depth=2, num_patches=16, granularity=1)
+    with torch.no_grad():  # candidates 16..1: prune keeps 12 patches, merge keeps 8
+        rates.logits.fill_(-30)
+        rates.logits[0, 16 - 12] = 30
+        rates.logits[1, 16 - 8] = 30
+    assert rates.hard_stage_patches() == [12, 8]
+    prune_mask, merge_mask = rates.token_masks()
+    assert prune_mask.tolist() == [1.0] * 13 + [0.0] * 4
+    assert merge_mask.tolist() == [1.0] * 9 + [0.0] * 4 + [1.0] * 4
+    mask = prune_mask * merge_mask
+    assert mask.tolist() == [1.0] * 9 + [0.0] * 8
+    with torch.no_grad():
+        rates.logits.zero_()  # soft probabilities that are not saturated, same hard counts below
+    rates.logits.grad = None
+    prune_mask, merge_mask = rates.token_masks()
+    (prune_mask * merge_mask)[15].backward()  # position 15 is pruned
+    assert rates.logits.grad[0].abs().sum() > 0 and rates.logits.grad[1].abs().sum() == 0
+
+
+def test_budget_gradient_reaches_both_counts_of_a_block():
+    """FLOPs after a block depend on the tokens leaving it, min(prune, merge); as DiffRate's
+    ste_min, that count's gradient goes to both counts, and a stage held by an earlier stage's
+    smaller count (running minimum) still gets its own."""
+    model = small_sdt2net()
+    with torch.no_grad():
+        model.rates.logits.normal_(0, 1)
+    counts = model.rates.stage_patches()  # [S], prune(1), merge(1), ...
+    counts.retain_grad()
+    models.analytic_flops(model.shape(), counts[0::2] + 1, counts[1::2] + 1).backward()
+    one_token_mlp = 2 * model.embed_dim * model.blocks[0].mlp.fc1.out_features
+    assert (counts.grad > 0).all() and (counts.grad[0::2] >= one_token_mlp).all(), counts.grad
+
+
+def test_eab_on_tokens_equals_the_grid_module_at_full_keep():
+    """At full keep the tokens are the patch grid: the SCM equals ELAN's module on the grid
+    (shift, 1x1 conv2d, ReLU, shift, 1x1 conv2d, residual), written out here with conv2d."""
+    from models.eab import EfficientAttentionShift
+    torch.manual_seed(0)
+    eab = EfficientAttentionShift(40, 2.0, 1, shift=2, shared=True).double()
+    torch.nn.init.normal_(eab.scm_q.reduce.weight, std=0.1)
+    q, k = torch.randn(2, 2, 65, 40, dtype=torch.float64).unbind(0)
+    state = models.sdt2net.TokenState(alive=65, grid_size=(8, 8))
+    q_out, k_out = eab(q, k, state)
+
+    def grid_shift(x, s=2):  # [B, C, H, W], five channel slices: left, right, up, down, identity
+        g, out = x.shape[1] // 5, torch.zeros_like(x)
+        out[:, :g, :, :-s], out[:, g:2 * g, :, s:] = x[:, :g, :, s:], x[:, g:2 * g, :, :-s]
+        out[:, 2 * g:3 * g, :-s], out[:, 3 * g:4 * g, s:] = x[:, 2 * g:3 * g, s:], x[:, 3 * g:4 * g, :-s]
+        out[:, 4 * g:] = x[:, 4 * g:]
+        return out
+
+    def reference(t):
+        grid = t[:, 1:].transpose(1, 2).reshape(2, 40, 8, 8)
+        scm = eab.scm_q
+        y = torch.nn.functional.conv2d(grid_shift(grid), scm.expand.weight[..., None], scm.expand.bias).relu()
+        y = torch.nn.functional.conv2d(grid_shift(y), scm.reduce.weight[..., None], scm.reduce.bias)
+        return torch.cat([t[:, :1], t[:, 1:] + y.flatten(2).transpose(1, 2)], dim=1)
+
+    torch.testing.assert_close(q_out, reference(q), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(k_out, reference(k), atol=1e-12, rtol=1e-12)
+
+
+def test_eab_cost_follows_the_kept_tokens_and_its_structure_options():
+    shape = timm.create_model('sdt2net_small_patch16_224', num_classes=45).shape()
+    no_eab = timm.create_model('sdt2net_small_patch16_224', num_classes=45, eab=False).shape()
+    half = models.Schedule((197,) + (99,) * 11, (197,) + (99,) * 11)
+    dense = models.Schedule.dense(12, 196)
+    eab_dense = dense.flops(shape) - dense.flops(no_eab)
+    eab_half = half.flops(shape) - half.flops(no_eab)
+    assert eab_dense == 4 * 196 * 384 * 768 * 12  # two 1x1 convs for q and for k, every patch
+    # patch tokens present in each block: compression follows attention, so block 1 sees all
+    assert eab_half == 4 * 384 * 768 * (196 * 2 + 98 * 10)
+    counts = {}
+    for shared in (True, False):
+        model = timm.create_model('sdt2net_small_patch16_224', num_classes=45, eab_shared=shared)
+        counts[shared] = sum(p.numel() for p in model.weight_parameters())
+    assert abs(counts[True] / 1e6 - 28.8) < 0.1, counts  # official DeiT-S + shared EAB (+ FTF)
+    assert counts[False] - counts[True] == 12 * (2 * 384 * 768 + 768 + 384)

@@ -13,6 +13,7 @@ import main as entry
 import utils
 import visualize
 from compression_schedule import load_schedule
+from models import Schedule
 from conftest import REFERENCE_SCHEDULES, ROOT
 
 MODEL = 'vit_deit_tiny_patch16_224'
@@ -53,7 +54,8 @@ def test_search_export_and_reload_gives_same_schedule_and_flops(tmp_path, capsys
     assert [r['epoch'] for r in log] == [0, 1]
     for name in ('args.json', 'checkpoint.pth', 'model_best.pth', 'compression_rate.json'):
         assert (out / name).is_file()
-    prune, merge = load_schedule(str(out / 'compression_rate.json'), MODEL, float(TARGET))
+    schedule = load_schedule(str(out / 'compression_rate.json'), MODEL, float(TARGET))
+    prune, merge = list(schedule.prune), list(schedule.merge)
     assert (prune, merge) == (log[-1]['prune_kept_num'], log[-1]['merge_kept_num'])
     checkpoint = torch.load(out / 'checkpoint.pth', weights_only=True)
     assert checkpoint['epoch'] == 1
@@ -92,7 +94,7 @@ def test_resume_continues_exactly(tmp_path, capsys, monkeypatch):
     train_one_epoch = entry.train_one_epoch
 
     def stop_at_epoch_two(*args, **kwargs):
-        if args[8] == 2:  # the epoch argument: the process dies before epoch 2
+        if kwargs['epoch'] == 2:  # the process dies before epoch 2
             raise Interrupted()
         return train_one_epoch(*args, **kwargs)
     monkeypatch.setattr(entry, 'train_one_epoch', stop_at_epoch_two)
@@ -150,14 +152,15 @@ def test_replica_check_finds_a_process_that_drifted(perturb):
 
 @pytest.mark.skipif(not os.path.exists(REFERENCE_SCHEDULES), reason='shared reference schedules not present')
 def test_diffrate_published_format_loads_for_our_model_names():
-    prune, merge = load_schedule(REFERENCE_SCHEDULES, 'vit_deit_small_patch16_224', 2.9)
+    schedule = load_schedule(REFERENCE_SCHEDULES, 'vit_deit_small_patch16_224', 2.9)
+    prune, merge = list(schedule.prune), list(schedule.merge)
     assert prune[:3] == [197, 196, 190] and merge[-1] == 3 and len(merge) == 12
 
 
 def test_diffrate_format_written_by_hand(tmp_path):
     path = tmp_path / 'rates.json'
     path.write_text(json.dumps({'ViT-T-DeiT': {'0.8': {'prune_kept_num': '[197,190]', 'merge_kept_num': '[197,180]'}}}))
-    assert load_schedule(str(path), 'sdt2net_tiny_patch16_224', 0.8) == ([197, 190], [197, 180])
+    assert load_schedule(str(path), 'sdt2net_tiny_patch16_224', 0.8) == Schedule([197, 190], [197, 180])
 
 
 # --- bad input: one line, non-zero exit, nothing written is lost --------------------------------

@@ -1,0 +1,130 @@
+"""What a run is made of, shared by main.py, visualize.py and the experiment scripts: the model
+with its starting weights, and the schedule the run uses (decided in one place)."""
+import json
+import os
+from types import SimpleNamespace
+from typing import Any, Dict, Optional, Tuple
+
+import timm
+
+import models
+from compression_schedule import load_schedule
+from models import Schedule
+from utils import UserError, load_checkpoint
+
+FIXED_SCHEDULES = ('dense', 'uniform', 'uniform-prune')
+SCHEDULE_VARIANTS = ('as-is', 'prune-only', 'merge-only')
+
+
+def create_model(args, num_classes: int) -> models.SDT2Net:
+    """The architecture of `args` with its initial (or timm's pretrained DeiT) weights."""
+    try:
+        return timm.create_model(
+            args.model, pretrained=args.pretrained, num_classes=num_classes, img_size=args.input_size,
+            drop_rate=args.drop, drop_path_rate=args.drop_path, eab=not args.no_eab, ftf=not args.no_ftf,
+            eab_ratio=args.eab_ratio, eab_groups=args.eab_groups, eab_shift=getattr(args, 'eab_shift', 2),
+            eab_shared=not getattr(args, 'eab_separate', False), granularity=args.granularity)
+    except (OSError, RuntimeError) as error:  # hub download failures surface as these
+        if not args.pretrained:
+            raise
+        raise UserError(f'could not fetch the pretrained DeiT weights ({str(error).splitlines()[0]}); '
+                        f'offline, pass a local checkpoint with --finetune PATH') from None
+
+
+def load_weights(model: models.SDT2Net, path: str) -> Dict[str, Any]:
+    """Load the network weights of a DeiT or SDT2Net checkpoint (never its schedule); returns
+    the checkpoint, whose 'schedule' entry the caller may use explicitly."""
+    checkpoint = load_checkpoint(path)
+    try:
+        weights = models.adapt_state_dict(checkpoint, model)
+    except ValueError as error:
+        raise UserError(f'--finetune {path}: {error}') from None
+    missing, _ = model.load_state_dict(weights, strict=False)
+    new = [k for k in missing if not k.startswith('rates.')]
+    print(f'loaded {len(weights)} weight tensors from {path}; new: {len(new)}'
+          + (f' (e.g. {", ".join(new[:4])})' if new else ''))
+    return checkpoint
+
+
+def checkpoint_schedule(checkpoint: Optional[Dict[str, Any]]) -> Optional[Tuple[Schedule, bool]]:
+    """(schedule, was it fixed) stored in a checkpoint of this code, or None."""
+    if not checkpoint:
+        return None
+    entry = checkpoint.get('schedule')
+    if isinstance(entry, dict):
+        return Schedule(entry['prune'], entry['merge']), bool(entry['fixed'])
+    if 'prune_kept_num' in checkpoint:  # written by earlier versions: the lists and a rates.fixed buffer
+        fixed = models.unwrap_state_dict(checkpoint).get('rates.fixed')
+        return (Schedule(checkpoint['prune_kept_num'], checkpoint['merge_kept_num']),
+                fixed is not None and bool((fixed >= 0).all()))
+    return None
+
+
+def schedule_entry(model: models.SDT2Net) -> Dict[str, Any]:
+    """The 'schedule' entry of a checkpoint: the schedule in force and whether it is fixed."""
+    schedule = model.schedule()
+    return {'prune': list(schedule.prune), 'merge': list(schedule.merge), 'fixed': model.schedule_is_fixed}
+
+
+def resolve_schedule(args, model: models.SDT2Net, resumed: Optional[Dict[str, Any]],
+                     weights: Optional[Dict[str, Any]]) -> Tuple[Optional[Schedule], str]:
+    """The schedule this run uses: a fixed Schedule, or None for the learned rates; and why.
+
+    In order: --load_compression_rate (the file's entry), --fixed-schedule, the schedule a
+    resumed run had, for --eval the schedule stored with the --finetune weights, else the rates
+    (learned; fixed at their current values with --search-mode weights). --schedule-variant
+    turns a fixed schedule into its prune-only or merge-only form at the same token counts.
+    """
+    shape = model.shape()
+    if args.load_compression_rate:
+        schedule = load_schedule(args.compression_rate_file, args.model, args.target_flops)
+        origin = f'{args.compression_rate_file} at {args.target_flops} GFLOPs'
+    elif args.fixed_schedule == 'dense':
+        schedule, origin = Schedule.dense(shape.depth, shape.num_patches), 'dense (every token kept)'
+    elif args.fixed_schedule in ('uniform', 'uniform-prune'):
+        mode = 'prune' if args.fixed_schedule == 'uniform-prune' else 'merge'
+        try:
+            schedule = models.uniform_schedule(shape, args.target_flops, mode)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        origin = f'uniform {mode} schedule at {args.target_flops} GFLOPs'
+    elif resumed is not None and checkpoint_schedule(resumed) is not None:
+        schedule, fixed = checkpoint_schedule(resumed)
+        if not fixed:
+            return None, 'learned (the resumed run\'s rates)'
+        origin = 'fixed by the resumed run'
+    elif args.eval and checkpoint_schedule(weights) is not None:
+        schedule, _ = checkpoint_schedule(weights)
+        origin = 'stored with the --finetune weights'
+    elif args.search_mode == 'weights' and not args.eval:
+        schedule, origin = model.schedule(), 'the rates\' current counts, fixed for fine-tuning'
+    else:
+        return None, f'learned (search from the {args.search_start} start)' if resumed is None else 'learned'
+    if args.schedule_variant == 'prune-only':
+        schedule, origin = schedule.prune_only(), origin + ', prune-only variant'
+    elif args.schedule_variant == 'merge-only':
+        schedule, origin = schedule.merge_only(), origin + ', merge-only variant'
+    try:
+        schedule.check(shape.depth, shape.num_patches)
+    except ValueError as error:
+        raise UserError(f'schedule ({origin}) does not fit the model: {error}') from None
+    return schedule, origin
+
+
+def load_run_model(run: str, checkpoint_name: str = 'checkpoint.pth') -> Tuple[models.SDT2Net, SimpleNamespace]:
+    """A run folder's model with its checkpoint's weights and schedule, in evaluation mode; and
+    the run's arguments (args.json)."""
+    path = os.path.join(run, 'args.json')
+    if not os.path.isfile(path):
+        raise UserError(f'missing {path}: not a run folder of main.py')
+    with open(path) as f:
+        # the run's configuration, without fetching or loading its starting weights again
+        args = SimpleNamespace(**{**json.load(f), 'pretrained': False, 'finetune': ''})
+    checkpoint = load_checkpoint(os.path.join(run, checkpoint_name))
+    model = create_model(args, num_classes=len(checkpoint['class_names']))
+    weights = {k: v for k, v in models.unwrap_state_dict(checkpoint['model']).items() if k != 'rates.fixed'}
+    model.load_state_dict(weights)
+    stored = checkpoint_schedule(checkpoint)
+    if stored is not None and stored[1]:
+        model.fix_schedule(stored[0])
+    return model.eval(), args

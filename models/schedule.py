@@ -1,0 +1,153 @@
+"""The kept-token schedule: one immutable value, its validation and conversions, and the
+hand-set schedules (dense, smallest, uniform) computed as pure functions of the model's shape.
+
+Public layout (what users, compression_rate.json and checkpoints see): for every block, the
+number of tokens kept after pruning and after merging, class token included; block 0 keeps all.
+Stage layout (what `CompressionRates` learns): patch counts of blocks 1..depth-1 interleaved in
+execution order, prune(1), merge(1), prune(2), ... These two conversions live here only.
+"""
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from .flops import ModelShape, analytic_flops
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """prune[i], merge[i]: tokens (class token included) kept by block i after pruning and after
+    merging. Tokens pruned are dropped, tokens merged are folded into their most similar kept
+    token, so merge[i] tokens leave block i."""
+    prune: Tuple[int, ...]
+    merge: Tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, 'prune', tuple(int(c) for c in self.prune))
+        object.__setattr__(self, 'merge', tuple(int(c) for c in self.merge))
+
+    # --- construction ---------------------------------------------------------------------------
+    @classmethod
+    def dense(cls, depth: int, num_patches: int) -> 'Schedule':
+        full = num_patches + 1
+        return cls((full,) * depth, (full,) * depth)
+
+    @classmethod
+    def from_stages(cls, stages: Sequence[int], num_patches: int) -> 'Schedule':
+        """From patch counts in the stage layout, [2 * (depth - 1)]."""
+        full = num_patches + 1
+        return cls((full,) + tuple(int(c) + 1 for c in stages[0::2]),
+                   (full,) + tuple(int(c) + 1 for c in stages[1::2]))
+
+    # --- views ----------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self.prune)
+
+    def stages(self) -> List[int]:
+        """Patch counts in the stage layout: prune(1), merge(1), prune(2), ..."""
+        return [c - 1 for pair in zip(self.prune[1:], self.merge[1:]) for c in pair]
+
+    def flops(self, shape: ModelShape) -> float:
+        """FLOPs of one image of a model of `shape` under this schedule."""
+        prune = torch.tensor(self.prune[1:], dtype=torch.float64)
+        merge = torch.tensor(self.merge[1:], dtype=torch.float64)
+        return float(analytic_flops(shape, prune, merge))
+
+    def as_dict(self) -> Dict[str, List[int]]:
+        return {'prune_kept_num': list(self.prune), 'merge_kept_num': list(self.merge)}
+
+    def merged_tokens(self) -> List[int]:
+        """Tokens merged away in every block."""
+        return [p - m for p, m in zip(self.prune, self.merge)]
+
+    def pruned_tokens(self) -> List[int]:
+        """Tokens pruned in every block."""
+        previous = (self.prune[0],) + self.merge[:-1]
+        return [n - p for n, p in zip(previous, self.prune)]
+
+    # --- variants at the same token counts ------------------------------------------------------
+    def prune_only(self) -> 'Schedule':
+        """The same tokens per block leave every block, all of them by pruning."""
+        return Schedule(self.merge, self.merge)
+
+    def merge_only(self) -> 'Schedule':
+        """The same tokens per block leave every block, all of them by merging."""
+        return Schedule((self.prune[0],) + self.merge[:-1], self.merge)
+
+    def running_min(self) -> 'Schedule':
+        """The schedule as DiffRate's runtime reads it: a block never keeps more tokens than
+        the previous one passes on, nor merges to more than it kept after pruning."""
+        prune, merge, current = [], [], self.prune[0]
+        for p, m in zip(self.prune, self.merge):
+            current = min(current, p)
+            prune.append(current)
+            current = min(current, m)
+            merge.append(current)
+        return Schedule(prune, merge)
+
+    # --- validation -----------------------------------------------------------------------------
+    def check(self, depth: int, num_patches: int) -> None:
+        """Raise ValueError naming the first problem: length, block 0 not dense, a count out of
+        [2, num_patches + 1], counts that increase with depth, or merge above prune."""
+        full = num_patches + 1
+        for name, counts in (('prune', self.prune), ('merge', self.merge)):
+            if len(counts) != depth:
+                raise ValueError(f'{name} schedule has {len(counts)} entries, the model has {depth} blocks')
+            if counts[0] != full:
+                raise ValueError(f'{name} schedule must keep all {full} tokens in block 0, got {counts[0]}')
+            bad = [c for c in counts if not 2 <= c <= full]
+            if bad:
+                raise ValueError(f'{name} kept counts must lie in [2, {full}], got {bad}')
+        for block in range(depth):
+            if self.merge[block] > self.prune[block]:
+                raise ValueError(f'block {block} merges down to {self.merge[block]} tokens, more than the '
+                                 f'{self.prune[block]} left after pruning')
+            if block and self.prune[block] > self.merge[block - 1]:
+                raise ValueError(f'block {block} keeps {self.prune[block]} tokens, more than the '
+                                 f'{self.merge[block - 1]} that block {block - 1} passes on')
+
+
+def smallest_kept_patches(num_patches: int, granularity: int) -> int:
+    """The smallest candidate kept patch count: num_patches - k * granularity, at least 1."""
+    return (num_patches - 1) % granularity + 1
+
+
+def smallest_schedule(shape: ModelShape, granularity: int) -> Schedule:
+    """Every block after the first keeps the smallest candidate count."""
+    kept = smallest_kept_patches(shape.num_patches, granularity) + 1
+    full = shape.num_patches + 1
+    counts = (full,) + (kept,) * (shape.depth - 1)
+    return Schedule(counts, counts)
+
+
+def flops_range(shape: ModelShape, granularity: int) -> Tuple[float, float]:
+    """(smallest reachable, dense) GFLOPs of a model of `shape`."""
+    dense = Schedule.dense(shape.depth, shape.num_patches).flops(shape)
+    return smallest_schedule(shape, granularity).flops(shape) / 1e9, dense / 1e9
+
+
+def uniform_schedule(shape: ModelShape, target_gflops: float, mode: str = 'merge') -> Schedule:
+    """A hand-set schedule that removes the same number r of tokens in every block after the
+    first (ToMe's), by merging (mode 'merge') or pruning the least attended ('prune'); r is the
+    real number (rounded per block) whose FLOPs come closest to the target (bisection)."""
+    if mode not in ('merge', 'prune'):
+        raise ValueError(f'mode must be merge or prune, got {mode!r}')
+    full, depth = shape.num_patches + 1, shape.depth
+
+    def schedule(r: float) -> Schedule:
+        after = [full] + [max(2, round(full - r * block)) for block in range(1, depth)]
+        before = after if mode == 'prune' else [full] + after[:-1]
+        return Schedule(before, after)
+
+    def gflops(r: float) -> float:
+        return schedule(r).flops(shape) / 1e9
+
+    low, high = 0.0, full / (depth - 1)
+    if not gflops(high) <= target_gflops <= gflops(low):
+        raise ValueError(f'no uniform {mode} schedule reaches {target_gflops} GFLOPs '
+                         f'(range [{gflops(high):.3f}, {gflops(low):.3f}])')
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if gflops(middle) > target_gflops else (low, middle)
+    return schedule(min((low, high), key=lambda r: abs(gflops(r) - target_gflops)))
