@@ -16,7 +16,7 @@ test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) main.py --data-set synthetic --model sdt2net_tiny_patch16_224 --input-size 64 --epochs 2 \
-		--batch-size 32 --target_flops 0.12 --output_dir $(DEMO_OUT) --num_workers 0 --warmup-epochs 0
+		--batch-size 32 --target_flops 0.12 --output_dir $(DEMO_OUT) --num_workers 0 --warmup-epochs 0 --autoresume
 	$(PY) main.py --data-set synthetic --model sdt2net_tiny_patch16_224 --input-size 64 --eval \
 		--load_compression_rate --compression-rate-file $(DEMO_OUT)/compression_rate.json --target_flops 0.12 \
 		--resume $(DEMO_OUT)/checkpoint.pth --output_dir $(DEMO_OUT)/eval --num_workers 0

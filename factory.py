@@ -12,7 +12,7 @@ from compression_schedule import load_schedule
 from models import Schedule
 from utils import UserError, load_checkpoint
 
-FIXED_SCHEDULES = ('dense', 'uniform', 'uniform-prune')
+FIXED_SCHEDULES = ('dense', 'uniform', 'uniform-prune', 'geometric', 'geometric-prune')
 SCHEDULE_VARIANTS = ('as-is', 'prune-only', 'merge-only')
 
 
@@ -81,13 +81,14 @@ def resolve_schedule(args, model: models.SDT2Net, resumed: Optional[Dict[str, An
         origin = f'{args.compression_rate_file} at {args.target_flops} GFLOPs'
     elif args.fixed_schedule == 'dense':
         schedule, origin = Schedule.dense(shape.depth, shape.num_patches), 'dense (every token kept)'
-    elif args.fixed_schedule in ('uniform', 'uniform-prune'):
-        mode = 'prune' if args.fixed_schedule == 'uniform-prune' else 'merge'
+    elif args.fixed_schedule:  # uniform[-prune] (same count per block) or geometric[-prune] (same fraction)
+        mode = 'prune' if args.fixed_schedule.endswith('-prune') else 'merge'
+        spacing = 'ratio' if args.fixed_schedule.startswith('geometric') else 'count'
         try:
-            schedule = models.uniform_schedule(shape, args.target_flops, mode)
+            schedule = models.uniform_schedule(shape, args.target_flops, mode, spacing)
         except ValueError as error:
             raise UserError(str(error)) from None
-        origin = f'uniform {mode} schedule at {args.target_flops} GFLOPs'
+        origin = f'{args.fixed_schedule} schedule at {args.target_flops} GFLOPs'
     elif resumed is not None and checkpoint_schedule(resumed) is not None:
         schedule, fixed = checkpoint_schedule(resumed)
         if not fixed:

@@ -83,7 +83,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--compression-rate-file', default=DEFAULT_FILE, help='compression_rate.json to read')
     g.add_argument('--fixed-schedule', default='', choices=('',) + FIXED_SCHEDULES,
                    help='train or evaluate under a hand-set schedule: dense (every token), uniform (ToMe: the '
-                        'same merges per block) or uniform-prune (the same prunes per block) at --target_flops')
+                        'same number merged in every block), uniform-prune (the same number pruned), geometric '
+                        '(the same fraction merged in every block; reaches budgets below half the dense FLOPs) or '
+                        'geometric-prune, at --target_flops')
     g.add_argument('--schedule-variant', default='as-is', choices=SCHEDULE_VARIANTS,
                    help='use a fixed schedule as it is, or its prune-only / merge-only form (same token counts)')
 

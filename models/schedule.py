@@ -127,26 +127,36 @@ def flops_range(shape: ModelShape, granularity: int) -> Tuple[float, float]:
     return smallest_schedule(shape, granularity).flops(shape) / 1e9, dense / 1e9
 
 
-def uniform_schedule(shape: ModelShape, target_gflops: float, mode: str = 'merge') -> Schedule:
-    """A hand-set schedule that removes the same number r of tokens in every block after the
-    first (ToMe's), by merging (mode 'merge') or pruning the least attended ('prune'); r is the
-    real number (rounded per block) whose FLOPs come closest to the target (bisection)."""
+def uniform_schedule(shape: ModelShape, target_gflops: float, mode: str = 'merge', spacing: str = 'count') -> Schedule:
+    """A hand-set schedule at the FLOPs closest to `target_gflops` that removes tokens evenly over
+    the blocks after the first, by merging (mode 'merge') or by pruning the least attended
+    ('prune'). spacing 'count': the same number r of tokens in every block (ToMe's schedule; it
+    cannot go below about half the dense FLOPs, where r empties the last block); 'ratio': the
+    same fraction of the patch tokens in every block (geometric, reaches every budget). The
+    parameter is found by bisection and the counts rounded per block.
+    """
     if mode not in ('merge', 'prune'):
         raise ValueError(f'mode must be merge or prune, got {mode!r}')
+    if spacing not in ('count', 'ratio'):
+        raise ValueError(f'spacing must be count or ratio, got {spacing!r}')
     full, depth = shape.num_patches + 1, shape.depth
 
     def schedule(r: float) -> Schedule:
-        after = [full] + [max(2, round(full - r * block)) for block in range(1, depth)]
+        """r: tokens removed per block (count) or the fraction of patches removed per block (ratio)."""
+        if spacing == 'count':
+            after = [full] + [max(2, round(full - r * block)) for block in range(1, depth)]
+        else:
+            after = [full] + [max(2, 1 + round(shape.num_patches * (1 - r) ** block)) for block in range(1, depth)]
         before = after if mode == 'prune' else [full] + after[:-1]
         return Schedule(before, after)
 
     def gflops(r: float) -> float:
         return schedule(r).flops(shape) / 1e9
 
-    low, high = 0.0, full / (depth - 1)
+    low, high = 0.0, (full / (depth - 1) if spacing == 'count' else 1.0)
     if not gflops(high) <= target_gflops <= gflops(low):
-        raise ValueError(f'no uniform {mode} schedule reaches {target_gflops} GFLOPs '
-                         f'(range [{gflops(high):.3f}, {gflops(low):.3f}])')
+        raise ValueError(f'no uniform {mode} schedule with the same {spacing} per block reaches {target_gflops} '
+                         f'GFLOPs (range [{gflops(high):.3f}, {gflops(low):.3f}])')
     for _ in range(40):
         middle = (low + high) / 2
         low, high = (middle, high) if gflops(middle) > target_gflops else (low, middle)

@@ -240,14 +240,20 @@ def test_bfloat16_autocast_training_and_evaluation():
     assert torch.isfinite(model.rates.logits.grad).all() and model.rates.logits.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize('spacing', ['count', 'ratio'])
 @pytest.mark.parametrize('mode', ['merge', 'prune'])
-def test_uniform_schedules_remove_evenly_and_meet_the_target(mode):
+def test_uniform_schedules_remove_evenly_and_meet_the_target(mode, spacing):
     model = timm.create_model('sdt2net_tiny_patch16_224', img_size=112, num_classes=45)
-    schedule = models.uniform_schedule(model.shape(), 0.35, mode)
+    schedule = models.uniform_schedule(model.shape(), 0.35, mode, spacing)
     removed = schedule.merged_tokens() if mode == 'merge' else schedule.pruned_tokens()
     other = schedule.pruned_tokens() if mode == 'merge' else schedule.merged_tokens()
     assert not any(other), f'a uniform {mode} schedule removes tokens only by {mode}'
-    assert max(removed[1:]) - min(removed[1:]) <= 1, 'the same number removed in every block'
+    if spacing == 'count':
+        assert max(removed[1:]) - min(removed[1:]) <= 1, 'the same number removed in every block'
+    else:
+        before = [schedule.prune[0]] + list(schedule.merge[:-1])
+        fractions = [(r + 0.5) / (n - 1) for r, n in zip(removed[1:], before[1:])]  # of the patches present
+        assert max(fractions) - min(fractions) < 0.1, fractions
     model.fix_schedule(schedule)
     assert abs(float(model.flops().detach()) / 1e9 - 0.35) / 0.35 < 0.02
     assert model.schedule() == schedule
@@ -394,3 +400,21 @@ def test_eab_cost_follows_the_kept_tokens_and_its_structure_options():
         counts[shared] = sum(p.numel() for p in model.weight_parameters())
     assert abs(counts[True] / 1e6 - 28.8) < 0.1, counts  # official DeiT-S + shared EAB (+ FTF)
     assert counts[False] - counts[True] == 12 * (2 * 384 * 768 + 768 + 384)
+
+
+@pytest.mark.parametrize('channels,groups,shift', [(40, 1, 2), (384, 1, 2), (768, 1, 1), (36, 6, 1)])
+def test_fused_grid_shift_equals_paint_shift_and_read_back(channels, groups, shift):
+    """The EAB's one-gather shift of compressed tokens equals the plain procedure: paint every
+    token onto its patches (pruned: zero), shift the grid, average each token's patches."""
+    from models.eab import PatchGrid, shift_channel_groups
+    B, H, W, N = 3, 7, 7, 20
+    owner = torch.randint(0, N + 1, (B, H * W))  # N: pruned
+    x = torch.randn(B, N, channels, dtype=torch.float64)
+    fused = PatchGrid((H, W), owner, N, shift).shift(x, groups)
+    padded = torch.cat([x, x.new_zeros(B, 1, channels)], 1)
+    index = owner[..., None].expand(-1, -1, channels)
+    painted = padded.gather(1, index).view(B, H, W, channels)
+    moved = shift_channel_groups(painted, groups, shift).view(B, H * W, channels)
+    summed = padded.new_zeros(B, N + 1, channels).scatter_add(1, index, moved)
+    count = padded.new_zeros(B, N + 1, 1).scatter_add(1, owner[..., None], padded.new_ones(B, H * W, 1))
+    torch.testing.assert_close(fused, (summed / count.clamp(min=1))[:, :N], atol=1e-12, rtol=1e-12)

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# DiffRate's off-the-shelf experiment on NWPU-RESISC45, on a CPU: a dense DeiT-Tiny (112 px, EAB,
+# FTF and compression off) trained on train/ stands in for the pretrained DeiT; on its frozen
+# weights, schedules are searched (--search-mode arch) at four budgets and compared on test/ at
+# equal FLOPs with hand-set schedules (the same count, ToMe, or the same fraction removed in every
+# block; by merging or by pruning) and the learned counts'
+# prune-only and merge-only forms. BEFORE=1 also searches with the code before the search's
+# gradient fix (commit 2173462) for comparison. Restartable: a finished stage is skipped.
+# Usage: [SLOTS=2] [BEFORE=1] [BUDGETS="0.23 0.185"] experiments/offtheshelf.sh [DATA] [OUT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=$(realpath "${1:-../shared/datasets/nwpu-resisc45}")
+mkdir -p "${2:-output/offtheshelf}/eval"
+OUT=$(realpath "${2:-output/offtheshelf}")
+PY=${PY:-$PWD/.venv/bin/python}
+# GFLOPs budgets: about 80, 65, 50 and 40% of the dense 0.285
+read -r -a BUDGETS <<< "${BUDGETS:-0.23 0.185 0.145 0.115}"
+export OMP_NUM_THREADS=1
+MODEL=(--data-path "$DATA" --model sdt2net_tiny_patch16_224 --input-size 112 --no-eab --no-ftf --batch-size 64
+       --num_workers 1 --print-freq 50 --seed 0)
+BACKBONE="$OUT/backbone/checkpoint.pth"
+# The search: 3 epochs of rate-only steps on the training images without RandAugment, erasing or
+# mixup (the frozen model is judged on images like those it will see); lambda scaled to the model:
+# DiffRate's 5 for DeiT-S at 224 px (4.6 GFLOPs) times (4.6 / 0.285)^2 gives the same pull on a
+# relative FLOPs error.
+SEARCH=(--search-mode arch --epochs 3 --arch-lr 0.05 --arch-min-lr 0.01 --flops-lambda 1300 --aa none
+        --reprob 0 --mixup 0 --cutmix 0 --warmup-epochs 0)
+EVAL=(--eval --eval-split test --finetune "$BACKBONE" --throughput-batch 0)
+rm -rf "$OUT/locks"  # a killed run's claims
+
+done_file() { [[ -f "$1" ]]; }
+
+stage_backbone() {  # about 50 min on one core of the 2-core CPU box
+  done_file "$OUT/backbone/done" && return
+  "$PY" main.py "${MODEL[@]}" --fixed-schedule dense --target_flops 0.286 --epochs 40 --lr 2e-3 \
+    --warmup-epochs 2 --drop-path 0.1 --mixup 0 --cutmix 0 --smoothing 0.1 --output_dir "$OUT/backbone" \
+    --autoresume > "$OUT/backbone.log" 2>&1
+  touch "$OUT/backbone/done"
+}
+
+evaluate() {  # name, flags...: top-1 and predictions on test/ with the backbone's weights
+  local name=$1; shift
+  done_file "$OUT/eval/$name/eval_metrics.json" && return
+  "$PY" main.py "${MODEL[@]}" "${EVAL[@]}" --output_dir "$OUT/eval/$name" "$@" > "$OUT/eval/$name.log" 2>&1
+}
+
+learned_gflops() {  # the FLOPs the search at budget $1 reached, from its compression_rate.json
+  "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['sdt2net_tiny_patch16_224'][sys.argv[2]]['gflops'])" \
+    "$OUT/search_$1/compression_rate.json" "$1"
+}
+
+budget() {  # search at one budget, then evaluate every schedule at the FLOPs it reached
+  local t=$1
+  if ! done_file "$OUT/search_$t/done"; then
+    "$PY" main.py "${MODEL[@]}" "${SEARCH[@]}" --finetune "$BACKBONE" --target_flops "$t" \
+      --output_dir "$OUT/search_$t" > "$OUT/search_$t.log" 2>&1
+    touch "$OUT/search_$t/done"
+  fi
+  local file=(--load_compression_rate --compression-rate-file "$OUT/search_$t/compression_rate.json" --target_flops "$t")
+  evaluate "learned_$t" "${file[@]}"
+  evaluate "learned_prune_only_$t" "${file[@]}" --schedule-variant prune-only
+  evaluate "learned_merge_only_$t" "${file[@]}" --schedule-variant merge-only
+  local g; g=$(learned_gflops "$t")
+  # ToMe's constant count cannot go below about 54% of the dense FLOPs: an error line in its log
+  evaluate "uniform_merge_$t" --fixed-schedule uniform --target_flops "$g" || true
+  evaluate "uniform_prune_$t" --fixed-schedule uniform-prune --target_flops "$g" || true
+  evaluate "geometric_merge_$t" --fixed-schedule geometric --target_flops "$g"
+  evaluate "geometric_prune_$t" --fixed-schedule geometric-prune --target_flops "$g"
+}
+
+before_fix() {  # the same search with the code of commit 2173462 (before the gradient fix)
+  local t=$1 tree="$OUT/code_2173462"
+  if ! done_file "$OUT/search_before_$t/done"; then
+    [[ -d "$tree" ]] || git worktree add --detach "$tree" 2173462 > /dev/null
+    # that code copied a checkpoint's fixed schedule along with its weights: strip it
+    [[ -f "$OUT/backbone_weights.pth" ]] || "$PY" -c "import torch,sys; s=torch.load(sys.argv[1], weights_only=True); \
+torch.save({'model': {k: v for k, v in s['model'].items() if not k.startswith('rates.')}}, sys.argv[2])" \
+      "$BACKBONE" "$OUT/backbone_weights.pth"
+    local args=("${SEARCH[@]}")
+    args=("${args[@]/--flops-lambda/--flops-weight}")
+    (cd "$tree" && "$PY" main.py "${MODEL[@]}" "${args[@]}" --finetune "$OUT/backbone_weights.pth" \
+      --target_flops "$t" --output_dir "$OUT/search_before_$t") > "$OUT/search_before_$t.log" 2>&1
+    touch "$OUT/search_before_$t/done"
+  fi
+  evaluate "learned_before_$t" --load_compression_rate --target_flops "$t" \
+    --compression-rate-file "$OUT/search_before_$t/compression_rate.json"
+}
+
+stage_backbone
+evaluate dense --fixed-schedule dense --target_flops 0.286
+done_file "$OUT/eval/dense_val/eval_metrics.json" || "$PY" main.py "${MODEL[@]}" --eval --finetune "$BACKBONE" \
+  --fixed-schedule dense --throughput-batch 0 --output_dir "$OUT/eval/dense_val" > "$OUT/eval/dense_val.log" 2>&1
+
+JOBS=()
+for t in "${BUDGETS[@]}"; do JOBS+=("budget $t"); done
+[[ -n "${BEFORE:-}" ]] && for t in "${BUDGETS[@]}"; do JOBS+=("before_fix $t"); done
+mkdir -p "$OUT/locks"
+worker() {  # takes the next job nobody has started (mkdir is the lock)
+  for job in "${JOBS[@]}"; do
+    mkdir "$OUT/locks/${job// /_}" 2>/dev/null || continue
+    $job
+  done
+}
+for _ in $(seq "${SLOTS:-2}"); do worker & done
+wait
+rm -rf "$OUT/locks"
+echo "done: $OUT"

@@ -1,0 +1,166 @@
+"""Tables and figures of experiments/offtheshelf.sh: top-1 on test/ of every schedule at every
+budget, paired differences against the learned schedule (bootstrap CI, McNemar), the accuracy-FLOPs
+curves and the learned schedules beside DiffRate's published ones.
+
+    python experiments/offtheshelf_report.py [OUT] [--figures figures] [--write-schedules]
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import matplotlib  # noqa: E402
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+
+from compare import compare_files  # noqa: E402
+from compression_schedule import DEFAULT_FILE, save_schedule  # noqa: E402
+from models import Schedule  # noqa: E402
+
+REFERENCE = os.path.join(ROOT, '..', 'shared', 'reference', 'diffrate_compression_rate.json')
+MODEL = 'sdt2net_tiny_patch16_224'
+ROWS = [  # evaluation name prefix, description
+    ('learned', 'learned (DiffRate search, prune + merge)'),
+    ('learned_before', 'learned with the code before the gradient fix (2173462)'),
+    ('learned_merge_only', 'learned counts, all merged'),
+    ('learned_prune_only', 'learned counts, all pruned'),
+    ('uniform_merge', 'same count merged per block (ToMe)'),
+    ('uniform_prune', 'same count pruned per block (top-k class attention)'),
+    ('geometric_merge', 'same fraction merged per block'),
+    ('geometric_prune', 'same fraction pruned per block'),
+]
+
+
+def load(out, name):
+    path = os.path.join(out, 'eval', name, 'eval_metrics.json')
+    return json.load(open(path)) if os.path.isfile(path) else None
+
+
+def binomial_ci(acc, n):
+    """Half-width of the 95% normal interval of an accuracy (%) on n images."""
+    return 196 * math.sqrt(acc / 100 * (1 - acc / 100) / n)
+
+
+def budgets(out):
+    found = [re.fullmatch(r'search_([\d.]+)', os.path.basename(p)) for p in glob.glob(os.path.join(out, 'search_*'))]
+    return sorted({m.group(1) for m in found if m}, key=float, reverse=True)
+
+
+def table(out):
+    dense = load(out, 'dense')
+    lines = [f'dense backbone: {dense["acc1"]:.2f}% top-1 on {dense["num_images"]} test images '
+             f'(+- {binomial_ci(dense["acc1"], dense["num_images"]):.2f}), {dense["gflops"]:.4f} GFLOPs', '',
+             '| budget | schedule | GFLOPs | % of dense | top-1 (%) | minus learned [95% CI] | McNemar p |',
+             '|---|---|---|---|---|---|---|']
+    for budget in budgets(out):
+        learned_predictions = os.path.join(out, 'eval', f'learned_{budget}', 'predictions.csv')
+        for prefix, description in ROWS:
+            metrics = load(out, f'{prefix}_{budget}')
+            if metrics is None:
+                continue
+            cell = '-'
+            p_value = '-'
+            if prefix != 'learned':
+                c = compare_files(os.path.join(out, 'eval', f'{prefix}_{budget}', 'predictions.csv'),
+                                  learned_predictions)
+                cell = f'{c["difference"]:+.2f} [{c["ci_low"]:+.2f}, {c["ci_high"]:+.2f}]'
+                p_value = f'{c["mcnemar_p"]:.2g}'
+            lines.append(f'| {budget} | {description} | {metrics["gflops"]:.4f} | '
+                         f'{100 * metrics["gflops"] / dense["gflops"]:.0f} | {metrics["acc1"]:.2f} | {cell} | {p_value} |')
+    return '\n'.join(lines)
+
+
+def plot_curves(out, path):
+    dense = load(out, 'dense')
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for prefix, description in ROWS:
+        points = [(m['gflops'], m['acc1'], binomial_ci(m['acc1'], m['num_images']))
+                  for m in (load(out, f'{prefix}_{b}') for b in budgets(out)) if m is not None]
+        if points:
+            x, y, e = zip(*sorted(points))
+            ax.errorbar(x, y, yerr=e, marker='o', capsize=3, label=description)
+    ax.errorbar([dense['gflops']], [dense['acc1']], yerr=[binomial_ci(dense['acc1'], dense['num_images'])],
+                marker='*', color='black', capsize=3, label='dense backbone')
+    ax.set_ylim(0, 100)  # the whole accuracy range: no zoom into differences inside the noise
+    ax.set_xlabel('GFLOPs per image (analytic = fvcore)')
+    ax.set_ylabel('top-1 on NWPU test/ (%), 95% CI')
+    ax.set_title('Off-the-shelf: schedules on the same frozen DeiT-Tiny (112 px)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc='lower right')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_schedules(out, path):
+    """Tokens pruned and merged per block (as a share of the patches), learned here and DiffRate's."""
+    panels = []
+    for budget in budgets(out):
+        metrics = load(out, f'learned_{budget}')
+        if metrics is not None:
+            panels.append((f'learned here, {metrics["gflops"]:.3f} GFLOPs',
+                           Schedule(metrics['prune_kept_num'], metrics['merge_kept_num'])))
+    if os.path.isfile(REFERENCE):
+        published = json.load(open(REFERENCE))
+        for key, target in (('ViT-T-DeiT', '0.6'), ('ViT-S-DeiT', '2.9')):
+            entry = published[key][target]
+            schedule = Schedule(json.loads(entry['prune_kept_num']), json.loads(entry['merge_kept_num'])).running_min()
+            panels.append((f'DiffRate {key} {target} G (published)', schedule))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), sharey=True, squeeze=False)
+    for ax, (title, schedule) in zip(axes[0], panels):
+        patches = schedule.prune[0] - 1
+        blocks = range(schedule.depth)
+        pruned = [100 * p / patches for p in schedule.pruned_tokens()]
+        merged = [100 * m / patches for m in schedule.merged_tokens()]
+        ax.bar(blocks, pruned, color='tab:gray', label='pruned')
+        ax.bar(blocks, merged, bottom=pruned, color='tab:orange', label='merged')
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel('block')
+        ax.grid(alpha=0.3, axis='y')
+    axes[0][0].set_ylabel('tokens removed in the block (% of patches)')
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_schedules(out):
+    """The learned schedules into compression_rate.json, with what produced them."""
+    dense = load(out, 'dense')
+    for budget in budgets(out):
+        metrics = load(out, f'learned_{budget}')
+        if metrics is None:
+            continue
+        save_schedule(DEFAULT_FILE, MODEL, float(budget), Schedule(metrics['prune_kept_num'], metrics['merge_kept_num']),
+                      gflops=round(metrics['gflops'], 4), input_size=112, provenance={
+                          'data': 'NWPU-RESISC45 subset of ../shared/datasets (search on train/, top-1 on test/)',
+                          'protocol': 'rate-only search (3 epochs) on the frozen dense DeiT-Tiny (EAB/FTF off, 112 px) '
+                                      'trained for 40 epochs on train/; no fine-tuning',
+                          'top1_test': round(metrics['acc1'], 2), 'dense_top1_test': round(dense['acc1'], 2),
+                          'command': f'experiments/offtheshelf.sh (search_{budget}), then '
+                                     'experiments/offtheshelf_report.py --write-schedules'})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('out', nargs='?', default='output/offtheshelf', help='OUT of experiments/offtheshelf.sh')
+    parser.add_argument('--figures', default='figures', help='where the two figures go')
+    parser.add_argument('--write-schedules', action='store_true', help='add the learned schedules to compression_rate.json')
+    args = parser.parse_args()
+    print(table(args.out))
+    os.makedirs(args.figures, exist_ok=True)
+    plot_curves(args.out, os.path.join(args.figures, 'offtheshelf_accuracy_vs_flops.png'))
+    plot_schedules(args.out, os.path.join(args.figures, 'offtheshelf_schedules.png'))
+    if args.write_schedules:
+        write_schedules(args.out)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
