@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=N main.py ...
 """
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -26,8 +27,8 @@ from datasets import UnreadableImageError, build_dataset, build_samplers
 from factory import FIXED_SCHEDULES, SCHEDULE_VARIANTS, create_model, load_weights, resolve_schedule, schedule_entry
 from engine import Precision, SearchObjective, evaluate, measure_throughput, train_one_epoch
 from losses import build_criterion
-from utils import (NonFiniteLossError, ReplicasDisagreeError, UserError, append_json_line, atomic_torch_save,
-                   atomic_write_text, check_replicas_agree, get_world_size, init_distributed, is_distributed,
+from utils import (NonFiniteLossError, OutputFolder, ReplicasDisagreeError, UserError, append_json_line,
+                   atomic_torch_save, atomic_write_text, check_replicas_agree, get_world_size, init_distributed, is_distributed,
                    is_main_process, load_checkpoint, rng_state, seed_everything, set_rng_state, unwrap)
 
 
@@ -138,6 +139,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--output_dir', default='', help='where logs, checkpoints and schedules go')
     g.add_argument('--resume', default='', help='checkpoint to resume (or evaluate)')
     g.add_argument('--autoresume', action='store_true', help='resume from OUTPUT/checkpoint.pth if present')
+    g.add_argument('--overwrite', action='store_true',
+                   help='start a new run in an --output_dir that holds another one (its files are replaced)')
     g.add_argument('--start_epoch', default=0, type=int, help='first epoch')
     g.add_argument('--eval', action='store_true', help='evaluate only')
     g.add_argument('--print-freq', default=20, type=int, help='log every N steps')
@@ -251,7 +254,8 @@ def restore_training_state(state: Dict, optimizers, schedulers, precision, model
     return state['epoch'] + 1, state.get('best_acc', 0.0)
 
 
-def main(args) -> None:
+def main(args, cleanup: contextlib.ExitStack) -> None:
+    """One run; `cleanup` releases what it claims (the output folder's lock) however it ends."""
     device = init_distributed(args.device)
     seed_everything(args.seed)
     eval_split = args.eval_split if args.eval else 'val'
@@ -299,8 +303,16 @@ def main(args) -> None:
     if resumed is not None and not args.eval and 'optimizers' in resumed:
         start_epoch, best_acc = restore_training_state(resumed, optimizers, schedulers, precision, model_ema)
     if args.output_dir and is_main_process():  # only once the configuration is known to work
-        os.makedirs(args.output_dir, exist_ok=True)
+        # a training run continues its own folder; an evaluation never writes into a training run's
+        continues = not args.eval and (args.autoresume or resumed is not None and os.path.samefile(
+            os.path.dirname(os.path.abspath(resume)), args.output_dir) if os.path.isdir(args.output_dir) else False)
+        folder = OutputFolder(args.output_dir, continues=continues, overwrite=args.overwrite)
+        cleanup.callback(folder.release)
+        if resumed is None and os.path.isfile(os.path.join(args.output_dir, 'log.txt')):
+            os.remove(os.path.join(args.output_dir, 'log.txt'))  # --overwrite: a new history
         atomic_write_text(json.dumps(vars(args), indent=2) + '\n', os.path.join(args.output_dir, 'args.json'))
+    run_id = resumed.get('run_id') if resumed is not None and not args.eval else None
+    run_id = run_id or f'{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}'
 
     if args.eval:
         metrics = evaluate(model, val_loader, len(val_loader), num_classes, device, precision,
@@ -365,8 +377,8 @@ def main(args) -> None:
               + (f', EMA top-1 {test_stats["ema_acc1"]:.2f}%' if model_ema is not None else ''))
         if args.output_dir and is_main_process():
             save_epoch(args, core, optimizers, schedulers, precision, model_ema, epoch, best_acc, is_best,
-                       class_names)
-            record = {**{f'train_{k}': v for k, v in train_stats.items()},
+                       class_names, run_id)
+            record = {'run_id': run_id, **{f'train_{k}': v for k, v in train_stats.items()},
                       **{f'test_{k}': v for k, v in test_stats.items()
                          if k not in ('confusion_matrix', 'per_class_accuracy')},
                       'epoch': epoch, 'n_parameters': n_parameters, 'prune_kept_num': list(schedule.prune),
@@ -407,7 +419,7 @@ def check_checkpoint_fits(state: Dict, path: str, args, class_names) -> None:
 
 
 def save_epoch(args, model, optimizers, schedulers, precision, model_ema, epoch, best_acc, is_best,
-               class_names) -> None:
+               class_names, run_id: str) -> None:
     """checkpoint.pth (atomic), model_best.pth, and the schedule in compression_rate.json format."""
     schedule = model.schedule()
     state = {
@@ -417,7 +429,7 @@ def save_epoch(args, model, optimizers, schedulers, precision, model_ema, epoch,
         'schedulers': {k: s.state_dict() for k, s in schedulers.items()},
         'scaler': precision.scaler.state_dict() if precision.scaler is not None else None,
         'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
-        'epoch': epoch, 'best_acc': best_acc, 'rng': rng_state(),
+        'epoch': epoch, 'best_acc': best_acc, 'rng': rng_state(), 'run_id': run_id,
     }
     path = os.path.join(args.output_dir, 'checkpoint.pth')
     atomic_torch_save(state, path)
@@ -449,7 +461,8 @@ def run(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         validate_args(args, parser)
-        main(args)
+        with contextlib.ExitStack() as cleanup:
+            main(args, cleanup)
     except UserError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2

@@ -147,6 +147,60 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         raise UserError(f'cannot read checkpoint {path}: {str(error).splitlines()[0]}') from None
 
 
+class OutputFolder:
+    """Claims --output_dir for one run: refuses a folder that holds another run unless it is
+    continued (or --overwrite), and holds a lock file (OUT/.lock, the pid) so that a second run
+    cannot write into a folder in use; a lock left by a dead process is taken over."""
+
+    RUN_FILES = ('checkpoint.pth', 'log.txt')
+
+    def __init__(self, path: str, continues: bool, overwrite: bool) -> None:
+        self.path, self.lock = path, os.path.join(path, '.lock')
+        held = [name for name in self.RUN_FILES if os.path.isfile(os.path.join(path, name))]
+        if held and not (continues or overwrite):
+            raise UserError(f'--output_dir {path} already holds a run ({", ".join(held)}); continue it with '
+                            f'--autoresume, choose another folder, or replace it with --overwrite')
+        try:
+            os.makedirs(path, exist_ok=True)
+            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if self._holder_alive():
+                raise UserError(f'--output_dir {path} is in use by another run (pid {self._holder()}); '
+                                f'wait for it or choose another folder') from None
+            os.remove(self.lock)  # stale: its process is gone
+            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except OSError as error:
+            raise UserError(f'cannot write into --output_dir {path}: {error.strerror}') from None
+        with os.fdopen(fd, 'w') as f:
+            f.write(str(os.getpid()))
+        for name in os.listdir(path):  # temporary files of a run that was killed while writing
+            if '.tmp' in name and name.rsplit('.tmp', 1)[-1].isdigit():
+                os.remove(os.path.join(path, name))
+
+    def _holder(self) -> int:
+        try:
+            with open(self.lock) as f:
+                return int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _holder_alive(self) -> bool:
+        pid = self._holder()
+        if pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def release(self) -> None:
+        if self._holder() == os.getpid():
+            os.remove(self.lock)
+
+
 # --- timing ---------------------------------------------------------------------------------
 def timed(fn, device: torch.device) -> float:
     """Seconds one call of fn() takes, the device synchronised before and after (CUDA)."""

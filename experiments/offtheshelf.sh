@@ -52,7 +52,7 @@ learned_gflops() {  # the FLOPs the search at budget $1 reached, from its compre
 budget() {  # search at one budget, then evaluate every schedule at the FLOPs it reached
   local t=$1
   if ! done_file "$OUT/search_$t/done"; then
-    "$PY" main.py "${MODEL[@]}" "${SEARCH[@]}" --finetune "$BACKBONE" --target_flops "$t" \
+    "$PY" main.py "${MODEL[@]}" "${SEARCH[@]}" --finetune "$BACKBONE" --target_flops "$t" --autoresume \
       --output_dir "$OUT/search_$t" > "$OUT/search_$t.log" 2>&1
     touch "$OUT/search_$t/done"
   fi

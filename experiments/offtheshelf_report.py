@@ -76,6 +76,37 @@ def table(out):
     return '\n'.join(lines)
 
 
+def finetune_table(out):
+    """Fine-tuned runs of experiments/finetune.sh: top-1 on test/ per seed, mean +- sd, and each
+    seed's paired difference to the dense backbone fine-tuned with the same seed."""
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(out, 'tuned', '*_seed*', 'eval', 'eval_metrics.json'))):
+        name, seed = re.fullmatch(r'(.+)_seed(\d+)', os.path.basename(os.path.dirname(os.path.dirname(path)))).groups()
+        runs.setdefault(name, {})[int(seed)] = path
+    if 'dense' not in runs:
+        return ''
+    lines = ['| fine-tuned | GFLOPs | top-1 (%) per seed | mean +- sd | minus dense of the same seed [95% CI] |',
+             '|---|---|---|---|---|']
+    for name in ['dense'] + sorted((n for n in runs if n != 'dense'), key=lambda n: -float(n.split('_')[-1])):
+        seeds = sorted(runs[name])
+        metrics = [json.load(open(runs[name][s])) for s in seeds]
+        top1 = [m['acc1'] for m in metrics]
+        mean = sum(top1) / len(top1)
+        sd = math.sqrt(sum((a - mean) ** 2 for a in top1) / (len(top1) - 1)) if len(top1) > 1 else float('nan')
+        diffs = '-'
+        if name != 'dense':
+            cells = []
+            for s in seeds:
+                if s in runs['dense']:
+                    c = compare_files(runs[name][s].replace('eval_metrics.json', 'predictions.csv'),
+                                      runs['dense'][s].replace('eval_metrics.json', 'predictions.csv'), 2000)
+                    cells.append(f'{c["difference"]:+.2f} [{c["ci_low"]:+.2f}, {c["ci_high"]:+.2f}]')
+            diffs = '; '.join(cells)
+        lines.append(f'| {name} | {metrics[0]["gflops"]:.4f} | {" / ".join(f"{a:.2f}" for a in top1)} '
+                     f'(seeds {", ".join(map(str, seeds))}) | {mean:.2f} +- {sd:.2f} | {diffs} |')
+    return '\n'.join(lines)
+
+
 def plot_curves(out, path):
     dense = load(out, 'dense')
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -121,6 +152,7 @@ def plot_schedules(out, path):
         ax.bar(blocks, pruned, color='tab:gray', label='pruned')
         ax.bar(blocks, merged, bottom=pruned, color='tab:orange', label='merged')
         ax.set_title(title, fontsize=8)
+        ax.set_xticks(range(0, schedule.depth, 2))
         ax.set_xlabel('block')
         ax.grid(alpha=0.3, axis='y')
     axes[0][0].set_ylabel('tokens removed in the block (% of patches)')
@@ -154,6 +186,9 @@ def main() -> int:
     parser.add_argument('--write-schedules', action='store_true', help='add the learned schedules to compression_rate.json')
     args = parser.parse_args()
     print(table(args.out))
+    tuned = finetune_table(args.out)
+    if tuned:
+        print('\n' + tuned)
     os.makedirs(args.figures, exist_ok=True)
     plot_curves(args.out, os.path.join(args.figures, 'offtheshelf_accuracy_vs_flops.png'))
     plot_schedules(args.out, os.path.join(args.figures, 'offtheshelf_schedules.png'))

@@ -108,7 +108,11 @@ def test_resume_continues_exactly(tmp_path, capsys, monkeypatch):
     assert a['epoch'] == b['epoch'] == 2
     for key in a['model']:
         assert torch.equal(a['model'][key], b['model'][key]), key
-    assert open(straight / 'log.txt').read() == open(split / 'log.txt').read()
+    def history(path):  # the run ids differ: each run has its own, kept across its resumes
+        records = [json.loads(line) for line in open(path)]
+        assert len({r.pop('run_id') for r in records}) == 1
+        return records
+    assert history(straight / 'log.txt') == history(split / 'log.txt')
 
 
 def test_torchrun_two_cpu_processes_gloo(tmp_path):
@@ -254,3 +258,27 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch)
     assert_clean_error(code, err, 'NaN', 'epoch 1')
     assert code == 1 and sha(out / 'checkpoint.pth') == before
     assert torch.load(out / 'checkpoint.pth', weights_only=True)['epoch'] == 0
+
+
+def test_output_folder_of_a_run_is_not_clobbered(tmp_path, capsys):
+    out = tmp_path / 'out'
+    common = ['--model', MODEL, '--target_flops', TARGET, '--output_dir', out] + FAST + SYNTHETIC
+    assert run_main(common + ['--epochs', '1'], capsys)[0] == 0
+    before = {name: sha(out / name) for name in ('checkpoint.pth', 'model_best.pth', 'log.txt', 'args.json')}
+    code, _, err = run_main(common + ['--epochs', '1'], capsys)  # the same command again
+    assert_clean_error(code, err, 'already holds a run', '--autoresume')
+    code, _, err = run_main(['--eval', '--resume', out / 'checkpoint.pth', '--model', MODEL,
+                             '--output_dir', out] + FAST + SYNTHETIC, capsys)  # evaluation into the run
+    assert_clean_error(code, err, 'already holds a run')
+    assert {name: sha(out / name) for name in before} == before
+    (out / '.lock').write_text('999999999')  # left by a process that is gone
+    (out / 'checkpoint.pth.tmp4242').write_bytes(b'half written')
+    assert run_main(common + ['--epochs', '2', '--autoresume'], capsys)[0] == 0
+    assert not (out / '.lock').exists() and not (out / 'checkpoint.pth.tmp4242').exists()
+    assert [json.loads(line)['epoch'] for line in open(out / 'log.txt')] == [0, 1]
+    (out / '.lock').write_text(str(os.getppid()))  # a live process holds the folder
+    code, _, err = run_main(common + ['--epochs', '3', '--autoresume'], capsys)
+    assert_clean_error(code, err, 'in use by another run')
+    (out / '.lock').unlink()
+    assert run_main(common + ['--epochs', '1', '--overwrite'], capsys)[0] == 0
+    assert [json.loads(line)['epoch'] for line in open(out / 'log.txt')] == [0]
