@@ -32,7 +32,7 @@ def list_classes(split_dir: str) -> List[str]:
     """Class folders of one split; every class must contain at least one image."""
     if not os.path.isdir(split_dir):
         raise UserError(f'missing split folder {split_dir} (expected DATA/train and DATA/val class folders)')
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith('.'))
     if not classes:
         raise UserError(f'no class folders in {split_dir}')
     empty = [c for c in classes
@@ -107,9 +107,19 @@ def build_dataset(is_train: bool, args, split: str = 'val') -> Tuple[Dataset, Li
         return dataset, dataset.classes
     classes = check_class_folders(args.data_path, split)
     root = os.path.join(args.data_path, 'train' if is_train else split)
-    dataset = tv_datasets.ImageFolder(root, transform=build_transform(is_train, args), loader=load_rgb,
-                                      is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
+    dataset = SceneFolder(root, transform=build_transform(is_train, args), loader=load_rgb,
+                          is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS)
+                          and not os.path.basename(p).startswith('.'))
     return dataset, classes
+
+
+class SceneFolder(tv_datasets.ImageFolder):
+    """ImageFolder whose classes are list_classes' (hidden folders such as .ipynb_checkpoints are
+    not classes)."""
+
+    def find_classes(self, directory: str) -> Tuple[List[str], dict]:
+        classes = list_classes(directory)
+        return classes, {name: index for index, name in enumerate(classes)}
 
 
 class ShardSampler(Sampler):

@@ -8,7 +8,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
 import time
 from typing import Dict, List, Tuple
@@ -376,8 +375,9 @@ def main(args, cleanup: contextlib.ExitStack) -> None:
               f'merge kept {list(schedule.merge)}'
               + (f', EMA top-1 {test_stats["ema_acc1"]:.2f}%' if model_ema is not None else ''))
         if args.output_dir and is_main_process():
+            summary = {k: v for k, v in test_stats.items() if isinstance(v, float)}
             save_epoch(args, core, optimizers, schedulers, precision, model_ema, epoch, best_acc, is_best,
-                       class_names, run_id)
+                       class_names, run_id, summary)
             record = {'run_id': run_id, **{f'train_{k}': v for k, v in train_stats.items()},
                       **{f'test_{k}': v for k, v in test_stats.items()
                          if k not in ('confusion_matrix', 'per_class_accuracy')},
@@ -419,8 +419,9 @@ def check_checkpoint_fits(state: Dict, path: str, args, class_names) -> None:
 
 
 def save_epoch(args, model, optimizers, schedulers, precision, model_ema, epoch, best_acc, is_best,
-               class_names, run_id: str) -> None:
-    """checkpoint.pth (atomic), model_best.pth, and the schedule in compression_rate.json format."""
+               class_names, run_id: str, metrics: Dict[str, float]) -> None:
+    """checkpoint.pth (everything a resume needs), model_best.pth (what evaluation needs), both
+    atomic, and the schedule in compression_rate.json format."""
     schedule = model.schedule()
     state = {
         'model': model.state_dict(), 'schedule': schedule_entry(model), 'model_name': args.model,
@@ -433,10 +434,10 @@ def save_epoch(args, model, optimizers, schedulers, precision, model_ema, epoch,
     }
     path = os.path.join(args.output_dir, 'checkpoint.pth')
     atomic_torch_save(state, path)
-    if is_best:
-        tmp = os.path.join(args.output_dir, f'model_best.pth.tmp{os.getpid()}')
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, os.path.join(args.output_dir, 'model_best.pth'))
+    if is_best:  # what evaluation needs, without the optimizer state (a third of the size)
+        keep = ('model', 'schedule', 'model_name', 'class_names', 'epoch', 'run_id')
+        atomic_torch_save({**{k: state[k] for k in keep}, 'args': vars(args), 'metrics': metrics},
+                          os.path.join(args.output_dir, 'model_best.pth'))
     save_schedule(os.path.join(args.output_dir, 'compression_rate.json'), args.model, args.target_flops,
                   schedule, gflops=round(float(model.flops().detach()) / 1e9, 4), epoch=epoch,
                   data=args.data_path or args.data_set, input_size=args.input_size)
@@ -469,9 +470,22 @@ def run(argv=None) -> int:
     except UnreadableImageError as error:
         print(f'error: {str(error).strip().splitlines()[-1]}', file=sys.stderr)
         return 2
-    except (NonFiniteLossError, ReplicasDisagreeError) as error:
-        print(f'error: {error}; stopped, the last checkpoint is kept', file=sys.stderr)
+    except (NonFiniteLossError, ReplicasDisagreeError, FloatingPointError) as error:
+        print(f'error: {error}; stopped, the last checkpoint is kept (lower --lr or --arch-lr, '
+              f'or set --clip-grad)', file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        where = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else ''
+        kept = f'{where} holds the last finished epoch; continue with --autoresume' \
+            if where and os.path.isfile(where) else 'no epoch had finished'
+        print(f'error: interrupted; {kept}', file=sys.stderr)
+        return 130
+    except torch.OutOfMemoryError:
+        print('error: out of memory; lower --batch-size (or --input-size)', file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f'error: {error.filename or "file system"}: {error.strerror or error}', file=sys.stderr)
+        return 2
     finally:
         if is_distributed():
             torch.distributed.destroy_process_group()

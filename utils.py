@@ -118,18 +118,28 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 # --- files ------------------------------------------------------------------------------------
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+def _atomic(write, path: str) -> None:
+    """write(tmp) then rename over `path`: a crash never leaves a half-written file, and a failed
+    write (a full disk) removes its temporary file and leaves `path` as it was."""
     tmp = f'{path}.tmp{os.getpid()}'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    _atomic(lambda tmp: torch.save(obj, tmp), path)
 
 
 def atomic_write_text(text: str, path: str) -> None:
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, 'w') as f:
+            f.write(text)
+    _atomic(write, path)
 
 
 def append_json_line(record: Dict[str, Any], path: str) -> None:

@@ -87,7 +87,10 @@ class CompressionRates(nn.Module):
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
                 counts = self.stage_patches()
-            self._cache = (key, counts, [int(round(c)) for c in counts.float().tolist()])
+            host = counts.float().tolist()
+            if not all(math.isfinite(c) for c in host):
+                raise FloatingPointError('the compression-rate parameters are not finite (NaN or inf)')
+            self._cache = (key, counts, [int(round(c)) for c in host])
         return self._cache[1], self._cache[2]
 
     def hard_stage_patches(self) -> List[int]:

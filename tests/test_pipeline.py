@@ -282,3 +282,52 @@ def test_output_folder_of_a_run_is_not_clobbered(tmp_path, capsys):
     (out / '.lock').unlink()
     assert run_main(common + ['--epochs', '1', '--overwrite'], capsys)[0] == 0
     assert [json.loads(line)['epoch'] for line in open(out / 'log.txt')] == [0]
+
+
+def test_hidden_folders_are_not_classes(tmp_path, capsys):
+    data, out = make_image_folder(tmp_path / 'data'), tmp_path / 'out'
+    for split in ('train', 'val'):
+        os.makedirs(data / split / '.ipynb_checkpoints')
+        (data / split / 'forest' / '.hidden.jpg').write_bytes(b'not an image')
+    assert run_main(['--data-path', data, '--model', MODEL, '--target_flops', TARGET, '--epochs', '1',
+                     '--output_dir', out] + FAST, capsys)[0] == 0
+    assert torch.load(out / 'checkpoint.pth', weights_only=True)['class_names'] == ['forest', 'harbor', 'river']
+
+
+def test_interrupt_exits_130_and_names_the_intact_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'out'
+    common = ['--model', MODEL, '--target_flops', TARGET, '--output_dir', out] + FAST + SYNTHETIC
+    assert run_main(common + ['--epochs', '1'], capsys)[0] == 0
+    before = sha(out / 'checkpoint.pth')
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(entry, 'train_one_epoch', interrupted)
+    code, _, err = run_main(common + ['--epochs', '2', '--autoresume'], capsys)
+    assert_clean_error(code, err, 'interrupted', 'checkpoint.pth', '--autoresume')
+    assert code == 130 and sha(out / 'checkpoint.pth') == before and not (out / '.lock').exists()
+
+
+def test_best_model_file_holds_what_evaluation_needs(tmp_path, capsys):
+    out = tmp_path / 'out'
+    assert run_main(['--model', MODEL, '--target_flops', TARGET, '--epochs', '1', '--output_dir', out]
+                    + FAST + SYNTHETIC, capsys)[0] == 0
+    best = torch.load(out / 'model_best.pth', weights_only=True)
+    assert {'model', 'schedule', 'class_names', 'args', 'metrics'} <= set(best) and 'optimizers' not in best
+    assert os.path.getsize(out / 'model_best.pth') < os.path.getsize(out / 'checkpoint.pth')
+    code, _, err = run_main(['--eval', '--resume', out / 'model_best.pth', '--model', MODEL,
+                             '--output_dir', tmp_path / 'eval'] + FAST + SYNTHETIC, capsys)
+    assert code == 0, err
+
+
+def test_failed_atomic_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / 'checkpoint.pth'
+    path.write_bytes(b'the previous checkpoint')
+
+    def disk_full(obj, f):
+        open(f, 'wb').write(b'partial')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', disk_full)
+    with pytest.raises(OSError):
+        utils.atomic_torch_save({'x': 1}, str(path))
+    assert os.listdir(tmp_path) == ['checkpoint.pth'] and path.read_bytes() == b'the previous checkpoint'
