@@ -65,8 +65,7 @@ def retain_freed_memory() -> bool:
     glibc raises both thresholds each time it frees a large mmap-ed block; a model's activations
     (tens of MB) take them to their maxima within the first step. A fresh process that only runs
     small kernels keeps the defaults and hands freed memory back to the OS, so the temporaries of
-    the Pade root page-fault again (the first version of the root, interleaved with eigh: 758
-    faults and +0.85 ms per call; experiments/pade_versions.py).
+    the Pade root page-fault again (docs/benchmark.md measures it).
     Fixing the thresholds up front makes each part measure what it costs inside training, whatever
     ran before it. Returns False where the C library is not glibc.
     """

@@ -115,17 +115,33 @@ def resolve_schedule(args, model: models.SDT2Net, resumed: Optional[Dict[str, An
 def load_run_model(run: str, checkpoint_name: str = 'checkpoint.pth') -> Tuple[models.SDT2Net, SimpleNamespace]:
     """A run folder's model with its checkpoint's weights and schedule, in evaluation mode; and
     the run's arguments (args.json)."""
-    path = os.path.join(run, 'args.json')
-    if not os.path.isfile(path):
-        raise UserError(f'missing {path}: not a run folder of main.py')
-    with open(path) as f:
-        # the run's configuration, without fetching or loading its starting weights again
-        args = SimpleNamespace(**{**json.load(f), 'pretrained': False, 'finetune': ''})
-    checkpoint = load_checkpoint(os.path.join(run, checkpoint_name))
+    return load_trained_model(os.path.join(run, checkpoint_name))
+
+
+def load_trained_model(path: str) -> Tuple[models.SDT2Net, SimpleNamespace]:
+    """The model of a checkpoint written by main.py, with its weights and its schedule fixed, in
+    evaluation mode; and the arguments of the run that wrote it (stored in model_best.pth, else
+    the run folder's args.json)."""
+    checkpoint = load_checkpoint(path)
+    if 'model' not in checkpoint or 'class_names' not in checkpoint:
+        raise UserError(f'{path} is not a checkpoint written by main.py (no model or class names)')
+    stored = checkpoint.get('args')
+    if stored is None:
+        args_path = os.path.join(os.path.dirname(os.path.abspath(path)), 'args.json')
+        if not os.path.isfile(args_path):
+            raise UserError(f'{path} holds no run arguments and there is no args.json beside it')
+        with open(args_path) as f:
+            stored = json.load(f)
+    # the run's configuration, without fetching or loading its starting weights again
+    args = SimpleNamespace(**{**stored, 'pretrained': False, 'finetune': ''})
     model = create_model(args, num_classes=len(checkpoint['class_names']))
     weights = {k: v for k, v in models.unwrap_state_dict(checkpoint['model']).items() if k != 'rates.fixed'}
-    model.load_state_dict(weights)
-    stored = checkpoint_schedule(checkpoint)
-    if stored is not None and stored[1]:
-        model.fix_schedule(stored[0])
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise UserError(f'{path} does not fit the model its arguments describe: {str(error).splitlines()[0]}') from None
+    stored_schedule = checkpoint_schedule(checkpoint)
+    if stored_schedule is not None:
+        model.fix_schedule(stored_schedule[0])  # what the run used when it saved (learned: its hard counts)
+    model.class_names = list(checkpoint['class_names'])
     return model.eval(), args

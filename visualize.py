@@ -116,29 +116,37 @@ def plot_pareto(runs: List[str], out_dir: str) -> str:
 
 def plot_token_groups(run: str, data_path: str, num_images: int = 4, depths: Optional[List[int]] = None) -> str:
     """ToMe-style: patches that share a token share a colour; pruned patches are grey."""
-    from datasets import build_transform
-    from torchvision import datasets as tv_datasets
+    from datasets import SceneFolder, build_transform
     model, args = load_run_model(run)
-    depth = len(model.blocks)
-    depths = depths or [depth // 4, depth // 2, 3 * depth // 4, depth]
-    val = tv_datasets.ImageFolder(os.path.join(data_path, 'val'), transform=build_transform(False, args))
+    val = SceneFolder(os.path.join(data_path, 'val'), transform=build_transform(False, args))
     picks = np.linspace(0, len(val) - 1, num_images).astype(int)
     images = torch.stack([val[i][0] for i in picks])
+    titles = [val.classes[val[i][1]] for i in picks]
+    fig = token_groups_figure(model, images, titles, depths)
+    fig.suptitle(f'{run_label(run)}: token groups (shared colour = merged, grey = pruned)', fontsize=9)
+    return save(fig, run, 'token_groups.png')
+
+
+def token_groups_figure(model, images: torch.Tensor, titles: List[str], depths: Optional[List[int]] = None):
+    """One row per image [B, 3, H, W] (normalised as for the model): the image, then its patches
+    coloured by the token they belong to after each block of `depths` (grey: pruned)."""
+    depth = len(model.blocks)
+    depths = depths or [depth // 4, depth // 2, 3 * depth // 4, depth]
     with torch.no_grad():
         _, _, owners = model.forward_tokens(images, return_owners=True)
     grid_h, grid_w = model.patch_embed.grid_size
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    mean = torch.tensor(model.pretrained_cfg.get('mean', (0.485, 0.456, 0.406)))[:, None, None]
+    std = torch.tensor(model.pretrained_cfg.get('std', (0.229, 0.224, 0.225)))[:, None, None]
     tokens_after = model.get_kept_num()[1]  # tokens alive after each block; owner == that = pruned
     rng = np.random.default_rng(0)
-    fig, axes = plt.subplots(num_images, len(depths) + 1, figsize=(2.2 * (len(depths) + 1), 2.2 * num_images))
+    fig, axes = plt.subplots(len(images), len(depths) + 1, figsize=(2.2 * (len(depths) + 1), 2.2 * len(images)))
     axes = np.atleast_2d(axes)
     for row, image in enumerate(images):
-        rgb = (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        rgb = (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
         axes[row, 0].imshow(rgb)
-        axes[row, 0].set_title(val.classes[val[picks[row]][1]], fontsize=7)
+        axes[row, 0].set_title(titles[row], fontsize=7)
         for col, block in enumerate(depths, start=1):
-            owner = owners[block - 1][row].numpy()  # [P] token index of every patch
+            owner = owners[block - 1][row].cpu().numpy()  # [P] token index of every patch
             pruned = tokens_after[block - 1]
             colours = rng.uniform(0.15, 1.0, size=(pruned + 1, 3))
             colours[pruned] = 0.5  # grey
@@ -149,8 +157,7 @@ def plot_token_groups(run: str, data_path: str, num_images: int = 4, depths: Opt
             axes[row, col].set_title(f'after block {block}: {pruned - 1} patch tokens', fontsize=7)
     for ax in axes.flat:
         ax.axis('off')
-    fig.suptitle(f'{run_label(run)}: token groups (shared colour = merged, grey = pruned)', fontsize=9)
-    return save(fig, run, 'token_groups.png')
+    return fig
 
 
 def plot_pipeline(out_dir: str) -> str:

@@ -3,7 +3,7 @@
 Forward + backward and forward alone (64 x 48x48 fp32, the benchmark's matrices), the LU solve
 the first version used against spd_inverse, and minor page faults per call. docs/benchmark.md
 quotes its output. The backward pass gets `.sum()`'s expanded gradient of ones, as benchmark.py
-sent until stop 8 (it now sends a dense one, which makes eigh faster: see docs/benchmark.md), so
+sent before commit 8b586de (it now sends a dense one, which makes eigh faster: see docs/benchmark.md), so
 that the quoted numbers can be measured again.
 
     python experiments/pade_versions.py d68bd90            # the first version of models/ftf.py

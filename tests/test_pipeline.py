@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -32,6 +33,13 @@ def make_image_folder(root, classes=('forest', 'harbor', 'river'), train=4, val=
                 color = tuple(int(c) for c in torch.randint(0, 255, (3,)))
                 Image.new('RGB', (size, size), color).save(root / split / name / f'{name}_{i}.jpg')
     return root
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it), for a process group's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def run_main(argv, capsys):
@@ -117,7 +125,7 @@ def test_resume_continues_exactly(tmp_path, capsys, monkeypatch):
 
 def test_torchrun_two_cpu_processes_gloo(tmp_path):
     out = tmp_path / 'ddp'
-    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29533',
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
                os.path.join(ROOT, 'main.py'), '--device', 'cpu', '--model', MODEL, '--target_flops', TARGET,
                '--epochs', '1', '--output_dir', str(out)] + FAST + SYNTHETIC + ['--synthetic-val-size', '7']
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
@@ -148,7 +156,7 @@ def _compare_across_two_processes(rank, port, perturb, outcomes):
 def test_replica_check_finds_a_process_that_drifted(perturb):
     manager = torch.multiprocessing.Manager()
     outcomes = manager.dict()
-    port = 29540 + perturb
+    port = free_port()
     torch.multiprocessing.spawn(_compare_across_two_processes, args=(port, perturb, outcomes), nprocs=2)
     expected = 'the rate parameters of process(es) [1] differ from those of process 0' if perturb else 'agree'
     assert dict(outcomes) == {0: expected, 1: expected}
