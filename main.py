@@ -257,7 +257,7 @@ def main(args, cleanup: contextlib.ExitStack) -> None:
     """One run; `cleanup` releases what it claims (the output folder's lock) however it ends."""
     device = init_distributed(args.device)
     if not is_main_process():  # under torchrun the log is rank 0's; errors still reach stderr
-        sys.stdout = cleanup.enter_context(open(os.devnull, 'w'))
+        cleanup.enter_context(contextlib.redirect_stdout(cleanup.enter_context(open(os.devnull, 'w'))))
     seed_everything(args.seed)
     eval_split = args.eval_split if args.eval else 'val'
     val_set, class_names = build_dataset(False, args, split=eval_split)
