@@ -167,7 +167,7 @@ def validate_args(args, parser: argparse.ArgumentParser) -> None:
         if not value >= 0:
             parser.error(f'{name} must be a non-negative number, got {value}')
     fixed = args.load_compression_rate or args.fixed_schedule
-    if fixed and args.search_mode in ('alternate', 'joint', 'arch') and args.search_mode != 'alternate':
+    if fixed and args.search_mode in ('joint', 'arch'):
         parser.error(f'--search-mode {args.search_mode} searches the rates, but the schedule is fixed '
                      f'({"--load_compression_rate" if args.load_compression_rate else "--fixed-schedule"})')
     if args.eval_split != 'val' and not args.eval:
@@ -305,8 +305,9 @@ def main(args, cleanup: contextlib.ExitStack) -> None:
         start_epoch, best_acc = restore_training_state(resumed, optimizers, schedulers, precision, model_ema)
     if args.output_dir and is_main_process():  # only once the configuration is known to work
         # a training run continues its own folder; an evaluation never writes into a training run's
-        continues = not args.eval and (args.autoresume or resumed is not None and os.path.samefile(
-            os.path.dirname(os.path.abspath(resume)), args.output_dir) if os.path.isdir(args.output_dir) else False)
+        own_checkpoint = resumed is not None and os.path.isdir(args.output_dir) and os.path.samefile(
+            os.path.dirname(os.path.abspath(resume)), args.output_dir)
+        continues = not args.eval and (args.autoresume or own_checkpoint)
         folder = OutputFolder(args.output_dir, continues=continues, overwrite=args.overwrite)
         cleanup.callback(folder.release)
         if resumed is None and os.path.isfile(os.path.join(args.output_dir, 'log.txt')):

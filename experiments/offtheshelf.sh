@@ -6,7 +6,8 @@
 # block; by merging or by pruning) and the learned counts'
 # prune-only and merge-only forms. BEFORE=1 also searches with the code before the search's
 # gradient fix (commit 2173462) for comparison. Restartable: a finished stage is skipped.
-# Usage: [SLOTS=2] [BEFORE=1] [BUDGETS="0.23 0.185"] experiments/offtheshelf.sh [DATA] [OUT]
+# DENSE_START=1 also searches from the dense start instead of DiffRate's uniform one.
+# Usage: [SLOTS=2] [BEFORE=1] [DENSE_START=1] [BUDGETS="0.23 0.185"] experiments/offtheshelf.sh [DATA] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=$(realpath "${1:-../shared/datasets/nwpu-resisc45}")
@@ -68,6 +69,18 @@ budget() {  # search at one budget, then evaluate every schedule at the FLOPs it
   evaluate "geometric_prune_$t" --fixed-schedule geometric-prune --target_flops "$g"
 }
 
+dense_start() {  # the same search from the dense start (95% of the mass on keeping every token)
+  local t=$1
+  if ! done_file "$OUT/search_dense_$t/done"; then
+    "$PY" main.py "${MODEL[@]}" "${SEARCH[@]}" --search-start dense --finetune "$BACKBONE" --target_flops "$t" \
+      --autoresume --output_dir "$OUT/search_dense_$t" > "$OUT/search_dense_$t.log" 2>&1
+    touch "$OUT/search_dense_$t/done"
+  fi
+  local file=(--load_compression_rate --compression-rate-file "$OUT/search_dense_$t/compression_rate.json" --target_flops "$t")
+  evaluate "learned_dense_$t" "${file[@]}"
+  evaluate "learned_dense_merge_only_$t" "${file[@]}" --schedule-variant merge-only
+}
+
 before_fix() {  # the same search with the code of commit 2173462 (before the gradient fix)
   local t=$1 tree="$OUT/code_2173462"
   if ! done_file "$OUT/search_before_$t/done"; then
@@ -94,6 +107,7 @@ done_file "$OUT/eval/dense_val/eval_metrics.json" || "$PY" main.py "${MODEL[@]}"
 JOBS=()
 for t in "${BUDGETS[@]}"; do JOBS+=("budget $t"); done
 [[ -n "${BEFORE:-}" ]] && for t in "${BUDGETS[@]}"; do JOBS+=("before_fix $t"); done
+[[ -n "${DENSE_START:-}" ]] && for t in "${BUDGETS[@]}"; do JOBS+=("dense_start $t"); done
 mkdir -p "$OUT/locks"
 worker() {  # takes the next job nobody has started (mkdir is the lock)
   for job in "${JOBS[@]}"; do

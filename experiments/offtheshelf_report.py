@@ -27,6 +27,8 @@ REFERENCE = os.path.join(ROOT, '..', 'shared', 'reference', 'diffrate_compressio
 MODEL = 'sdt2net_tiny_patch16_224'
 ROWS = [  # evaluation name prefix, description
     ('learned', 'learned (DiffRate search, prune + merge)'),
+    ('learned_dense', 'learned, search from the dense start'),
+    ('learned_dense_merge_only', 'learned from the dense start, counts all merged'),
     ('learned_before', 'learned with the code before the gradient fix (2173462)'),
     ('learned_merge_only', 'learned counts, all merged'),
     ('learned_prune_only', 'learned counts, all pruned'),
@@ -48,7 +50,8 @@ def binomial_ci(acc, n):
 
 
 def budgets(out):
-    found = [re.fullmatch(r'search_([\d.]+)', os.path.basename(p)) for p in glob.glob(os.path.join(out, 'search_*'))]
+    found = [re.fullmatch(r'search_(?:dense_|before_)?([\d.]+)', os.path.basename(p))
+             for p in glob.glob(os.path.join(out, 'search_*'))]
     return sorted({m.group(1) for m in found if m}, key=float, reverse=True)
 
 
@@ -132,19 +135,24 @@ def plot_curves(out, path):
 def plot_schedules(out, path):
     """Tokens pruned and merged per block (as a share of the patches), learned here and DiffRate's."""
     panels = []
-    for budget in budgets(out):
-        metrics = load(out, f'learned_{budget}')
-        if metrics is not None:
-            panels.append((f'learned here, {metrics["gflops"]:.3f} GFLOPs',
-                           Schedule(metrics['prune_kept_num'], metrics['merge_kept_num'])))
+    for prefix, start in (('learned', 'uniform start'), ('learned_dense', 'dense start')):
+        for budget in budgets(out):
+            metrics = load(out, f'{prefix}_{budget}')
+            if metrics is not None:
+                panels.append((f'learned, {start}, {metrics["gflops"]:.3f} G',
+                               Schedule(metrics['prune_kept_num'], metrics['merge_kept_num'])))
     if os.path.isfile(REFERENCE):
         published = json.load(open(REFERENCE))
         for key, target in (('ViT-T-DeiT', '0.6'), ('ViT-S-DeiT', '2.9')):
             entry = published[key][target]
             schedule = Schedule(json.loads(entry['prune_kept_num']), json.loads(entry['merge_kept_num'])).running_min()
             panels.append((f'DiffRate {key} {target} G (published)', schedule))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), sharey=True, squeeze=False)
-    for ax, (title, schedule) in zip(axes[0], panels):
+    columns = min(len(panels), 5)
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 2.8 * rows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis('off')
+    for ax, (title, schedule) in zip(axes.flat, panels):
         patches = schedule.prune[0] - 1
         blocks = range(schedule.depth)
         pruned = [100 * p / patches for p in schedule.pruned_tokens()]
@@ -155,7 +163,8 @@ def plot_schedules(out, path):
         ax.set_xticks(range(0, schedule.depth, 2))
         ax.set_xlabel('block')
         ax.grid(alpha=0.3, axis='y')
-    axes[0][0].set_ylabel('tokens removed in the block (% of patches)')
+    for row in axes:
+        row[0].set_ylabel('removed in the block\n(% of patches)')
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
