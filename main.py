@@ -329,6 +329,7 @@ def main(args, cleanup: contextlib.ExitStack) -> None:
         print(f'kept tokens: prune {report["prune_kept_num"]}  merge {report["merge_kept_num"]}')
         if args.output_dir and is_main_process():
             atomic_write_text(json.dumps(report, indent=1) + '\n', os.path.join(args.output_dir, 'eval_metrics.json'))
+            write_per_class(os.path.join(args.output_dir, 'per_class.csv'), metrics['confusion_matrix'], class_names)
             if predictions is not None:
                 write_predictions(os.path.join(args.output_dir, 'predictions.csv'), val_set, predictions)
         return
@@ -388,6 +389,19 @@ def main(args, cleanup: contextlib.ExitStack) -> None:
                       'merge_kept_num': list(schedule.merge)}
             append_json_line(record, os.path.join(args.output_dir, 'log.txt'))
     print(f'training time {time.time() - start:.0f}s; outputs in {args.output_dir or "(no --output_dir)"}')
+
+
+def write_per_class(path: str, confusion: List[List[int]], class_names: List[str]) -> None:
+    """Precision, recall and F1 of every class (%) from the confusion matrix [true, predicted]."""
+    lines = ['class,images,precision,recall,f1']
+    for i, name in enumerate(class_names):
+        true_positive = confusion[i][i]
+        predicted, actual = sum(row[i] for row in confusion), sum(confusion[i])
+        precision = 100 * true_positive / predicted if predicted else 0.0
+        recall = 100 * true_positive / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        lines.append(f'{name},{actual},{precision:.2f},{recall:.2f},{f1:.2f}')
+    atomic_write_text('\n'.join(lines) + '\n', path)
 
 
 def write_predictions(path: str, dataset, predictions: List[int]) -> None:
