@@ -6,8 +6,9 @@
 # block; by merging or by pruning) and the learned counts'
 # prune-only and merge-only forms. BEFORE=1 also searches with the code before the search's
 # gradient fix (commit 2173462) for comparison. Restartable: a finished stage is skipped.
-# DENSE_START=1 also searches from the dense start instead of DiffRate's uniform one.
-# Usage: [SLOTS=2] [BEFORE=1] [DENSE_START=1] [BUDGETS="0.23 0.185"] experiments/offtheshelf.sh [DATA] [OUT]
+# DENSE_START=1 also searches from the dense start instead of DiffRate's uniform one; LONG="0.115"
+# also searches those budgets for 15 epochs instead of 3.
+# Usage: [SLOTS=2] [BEFORE=1] [DENSE_START=1] [LONG="0.115"] [BUDGETS="0.23 0.185"] experiments/offtheshelf.sh [DATA] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=$(realpath "${1:-../shared/datasets/nwpu-resisc45}")
@@ -45,9 +46,9 @@ evaluate() {  # name, flags...: top-1 and predictions on test/ with the backbone
   "$PY" main.py "${MODEL[@]}" "${EVAL[@]}" --output_dir "$OUT/eval/$name" "$@" > "$OUT/eval/$name.log" 2>&1
 }
 
-learned_gflops() {  # the FLOPs the search at budget $1 reached, from its compression_rate.json
+learned_gflops() {  # the FLOPs the search at budget $1 reached (its folder: search_$2$1)
   "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['sdt2net_tiny_patch16_224'][sys.argv[2]]['gflops'])" \
-    "$OUT/search_$1/compression_rate.json" "$1"
+    "$OUT/search_${2:-}$1/compression_rate.json" "$1"
 }
 
 budget() {  # search at one budget, then evaluate every schedule at the FLOPs it reached
@@ -81,6 +82,20 @@ dense_start() {  # the same search from the dense start (95% of the mass on keep
   evaluate "learned_dense_merge_only_$t" "${file[@]}" --schedule-variant merge-only
 }
 
+long_search() {  # the same search, five times as long (15 epochs, about 735 rate steps)
+  local t=$1
+  if ! done_file "$OUT/search_long_$t/done"; then
+    # the later --epochs wins
+    "$PY" main.py "${MODEL[@]}" "${SEARCH[@]}" --epochs 15 --finetune "$BACKBONE" --target_flops "$t" --autoresume \
+      --output_dir "$OUT/search_long_$t" > "$OUT/search_long_$t.log" 2>&1
+    touch "$OUT/search_long_$t/done"
+  fi
+  evaluate "learned_long_$t" --load_compression_rate --target_flops "$t" \
+    --compression-rate-file "$OUT/search_long_$t/compression_rate.json"
+  local g; g=$(learned_gflops "$t" long_)  # a longer search may settle off the target: compare at its FLOPs
+  evaluate "geometric_merge_long_$t" --fixed-schedule geometric --target_flops "$g"
+}
+
 before_fix() {  # the same search with the code of commit 2173462 (before the gradient fix)
   local t=$1 tree="$OUT/code_2173462"
   if ! done_file "$OUT/search_before_$t/done"; then
@@ -108,6 +123,7 @@ JOBS=()
 for t in "${BUDGETS[@]}"; do JOBS+=("budget $t"); done
 [[ -n "${BEFORE:-}" ]] && for t in "${BUDGETS[@]}"; do JOBS+=("before_fix $t"); done
 [[ -n "${DENSE_START:-}" ]] && for t in "${BUDGETS[@]}"; do JOBS+=("dense_start $t"); done
+[[ -n "${LONG:-}" ]] && for t in $LONG; do JOBS+=("long_search $t"); done
 mkdir -p "$OUT/locks"
 worker() {  # takes the next job nobody has started (mkdir is the lock)
   for job in "${JOBS[@]}"; do

@@ -29,6 +29,8 @@ ROWS = [  # evaluation name prefix, description
     ('learned', 'learned (DiffRate search, prune + merge)'),
     ('learned_dense', 'learned, search from the dense start'),
     ('learned_dense_merge_only', 'learned from the dense start, counts all merged'),
+    ('learned_long', 'learned, 15-epoch search'),
+    ('geometric_merge_long', 'same fraction merged per block, at the 15-epoch search\'s FLOPs'),
     ('learned_before', 'learned with the code before the gradient fix (2173462)'),
     ('learned_merge_only', 'learned counts, all merged'),
     ('learned_prune_only', 'learned counts, all pruned'),
@@ -50,7 +52,7 @@ def binomial_ci(acc, n):
 
 
 def budgets(out):
-    found = [re.fullmatch(r'search_(?:dense_|before_)?([\d.]+)', os.path.basename(p))
+    found = [re.fullmatch(r'search_(?:dense_|before_|long_)?([\d.]+)', os.path.basename(p))
              for p in glob.glob(os.path.join(out, 'search_*'))]
     return sorted({m.group(1) for m in found if m}, key=float, reverse=True)
 
@@ -70,8 +72,10 @@ def table(out):
             cell = '-'
             p_value = '-'
             if prefix != 'learned':
-                c = compare_files(os.path.join(out, 'eval', f'{prefix}_{budget}', 'predictions.csv'),
-                                  learned_predictions)
+                # the longer search's hand-set rival sits at that search's FLOPs: compare the two
+                reference = os.path.join(out, 'eval', f'learned_long_{budget}', 'predictions.csv') \
+                    if prefix == 'geometric_merge_long' else learned_predictions
+                c = compare_files(os.path.join(out, 'eval', f'{prefix}_{budget}', 'predictions.csv'), reference)
                 cell = f'{c["difference"]:+.2f} [{c["ci_low"]:+.2f}, {c["ci_high"]:+.2f}]'
                 p_value = f'{c["mcnemar_p"]:.2g}'
             lines.append(f'| {budget} | {description} | {metrics["gflops"]:.4f} | '
@@ -111,31 +115,52 @@ def finetune_table(out):
 
 
 def plot_curves(out, path):
+    """Left: top-1 against GFLOPs with 95% intervals. Right: each schedule minus the learned one on
+    the same images, with its 95% paired-bootstrap interval (the comparison the table makes)."""
     dense = load(out, 'dense')
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for prefix, description in ROWS:
-        points = [(m['gflops'], m['acc1'], binomial_ci(m['acc1'], m['num_images']))
-                  for m in (load(out, f'{prefix}_{b}') for b in budgets(out)) if m is not None]
+    fig, (ax, diff_ax) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for index, (prefix, description) in enumerate(ROWS):
+        points, diffs = [], []
+        for budget in budgets(out):
+            metrics = load(out, f'{prefix}_{budget}')
+            if metrics is None:
+                continue
+            points.append((metrics['gflops'], metrics['acc1'], binomial_ci(metrics['acc1'], metrics['num_images'])))
+            if prefix != 'learned' and 'long' not in prefix and load(out, f'learned_{budget}') is not None:
+                c = compare_files(os.path.join(out, 'eval', f'{prefix}_{budget}', 'predictions.csv'),
+                                  os.path.join(out, 'eval', f'learned_{budget}', 'predictions.csv'), 2000)
+                diffs.append((metrics['gflops'], c['difference'], c['difference'] - c['ci_low'],
+                              c['ci_high'] - c['difference']))
         if points:
             x, y, e = zip(*sorted(points))
-            ax.errorbar(x, y, yerr=e, marker='o', capsize=3, label=description)
+            ax.errorbar(x, y, yerr=e, marker='o', capsize=3, label=description, color=f'C{index}')
+        if diffs:
+            x, y, low, high = zip(*sorted(diffs))
+            diff_ax.errorbar(x, y, yerr=[low, high], marker='o', capsize=3, color=f'C{index}')
     ax.errorbar([dense['gflops']], [dense['acc1']], yerr=[binomial_ci(dense['acc1'], dense['num_images'])],
                 marker='*', color='black', capsize=3, label='dense backbone')
-    ax.set_ylim(0, 100)  # the whole accuracy range: no zoom into differences inside the noise
+    ax.set_ylim(dense['acc1'] - 15, dense['acc1'] + 5)  # 20 points; the 95% intervals are about +-1.5
     ax.set_xlabel('GFLOPs per image (analytic = fvcore)')
     ax.set_ylabel('top-1 on NWPU test/ (%), 95% CI')
-    ax.set_title('Off-the-shelf: schedules on the same frozen DeiT-Tiny (112 px)')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc='lower right')
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.set_title('same frozen DeiT-Tiny (112 px), schedules at equal FLOPs', fontsize=9)
+    diff_ax.axhline(0, color='C0', linewidth=1)
+    diff_ax.set_ylim(-7, 3)
+    diff_ax.set_xlabel('GFLOPs per image')
+    diff_ax.set_ylabel('minus learned, same images (points, 95% CI)')
+    diff_ax.set_title('paired difference to the learned schedule', fontsize=9)
+    for a in (ax, diff_ax):
+        a.grid(alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc='lower center', ncol=4)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_schedules(out, path):
     """Tokens pruned and merged per block (as a share of the patches), learned here and DiffRate's."""
     panels = []
-    for prefix, start in (('learned', 'uniform start'), ('learned_dense', 'dense start')):
+    for prefix, start in (('learned', 'uniform start'), ('learned_dense', 'dense start'),
+                          ('learned_long', '15 epochs')):
         for budget in budgets(out):
             metrics = load(out, f'{prefix}_{budget}')
             if metrics is not None:
