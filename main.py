@@ -43,7 +43,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--synthetic-train-size', type=int, default=640, help='synthetic training images')
     g.add_argument('--synthetic-val-size', type=int, default=200, help='synthetic validation images')
     g.add_argument('--input-size', default=224, type=int, help='image size')
-    g.add_argument('--num_workers', default=4, type=int, help='data-loading workers per process')
+    g.add_argument('--num_workers', default=min(4, max(0, (os.cpu_count() or 1) - 1)), type=int,
+                   help='data-loading workers per process (default: cores - 1, at most 4)')
+    g.add_argument('--threads', default=0, type=int,
+                   help='torch threads per process (0: PyTorch\'s choice, or OMP_NUM_THREADS); give two jobs '
+                        'on one machine half the cores each')
     g.add_argument('--pin-mem', action='store_true', default=True, help='pin host memory')
     g.add_argument('--no-pin-mem', action='store_false', dest='pin_mem', help='do not pin host memory')
 
@@ -158,6 +162,7 @@ def validate_args(args, parser: argparse.ArgumentParser) -> None:
         names = [n for n in timm.list_models() if n.startswith(('sdt2net_', 'vit_deit_'))]
         raise UserError(f'unknown model {args.model!r}; available: {", ".join(names)}')
     for name, value, low in (('--epochs', args.epochs, 1), ('--batch-size', args.batch_size, 1),
+                             ('--num_workers', args.num_workers, 0), ('--threads', args.threads, 0),
                              ('--granularity', args.granularity, 1), ('--input-size', args.input_size, 32),
                              ('--eab-shift', args.eab_shift, 1)):
         if value < low:
@@ -255,6 +260,8 @@ def restore_training_state(state: Dict, optimizers, schedulers, precision, model
 
 def main(args, cleanup: contextlib.ExitStack) -> None:
     """One run; `cleanup` releases what it claims (the output folder's lock) however it ends."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = init_distributed(args.device)
     if not is_main_process():  # under torchrun the log is rank 0's; errors still reach stderr
         cleanup.enter_context(contextlib.redirect_stdout(cleanup.enter_context(open(os.devnull, 'w'))))
