@@ -113,6 +113,22 @@ def build_dataset(is_train: bool, args, split: str = 'val') -> Tuple[Dataset, Li
     return dataset, classes
 
 
+def check_images(dataset: Dataset, split: str) -> None:
+    """Open every image of an ImageFolder split (header and integrity, no full decode) and list
+    all the files that fail at once, before any work depends on them."""
+    bad = []
+    for path, _ in getattr(dataset, 'samples', []):
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+            bad.append(f'{path} ({str(error).splitlines()[0] if str(error) else type(error).__name__})')
+    if bad:
+        more = f' and {len(bad) - 10} more' if len(bad) > 10 else ''
+        raise UserError(f'{len(bad)} unreadable image(s) in {split}/: {"; ".join(bad[:10])}{more}; '
+                        f'remove or replace them')
+
+
 class SceneFolder(tv_datasets.ImageFolder):
     """ImageFolder whose classes are list_classes' (hidden folders such as .ipynb_checkpoints are
     not classes)."""

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 import models
 from compression_schedule import DEFAULT_FILE, diffrate_key, save_schedule
-from datasets import UnreadableImageError, build_dataset, build_samplers
+from datasets import UnreadableImageError, build_dataset, build_samplers, check_images
 from factory import FIXED_SCHEDULES, SCHEDULE_VARIANTS, create_model, load_weights, resolve_schedule, schedule_entry
 from engine import Precision, SearchObjective, evaluate, measure_throughput, train_one_epoch
 from losses import build_criterion
@@ -48,6 +48,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--threads', default=0, type=int,
                    help='torch threads per process (0: PyTorch\'s choice, or OMP_NUM_THREADS); give two jobs '
                         'on one machine half the cores each')
+    g.add_argument('--skip-image-check', action='store_true',
+                   help='do not open every training image before the first epoch (large sets); '
+                        'evaluation images are always checked')
     g.add_argument('--pin-mem', action='store_true', default=True, help='pin host memory')
     g.add_argument('--no-pin-mem', action='store_false', dest='pin_mem', help='do not pin host memory')
 
@@ -269,6 +272,9 @@ def main(args, cleanup: contextlib.ExitStack) -> None:
     eval_split = args.eval_split if args.eval else 'val'
     val_set, class_names = build_dataset(False, args, split=eval_split)
     train_set = None if args.eval else build_dataset(True, args)[0]
+    check_images(val_set, eval_split)  # every image opens, before any work depends on it
+    if train_set is not None and not args.skip_image_check:
+        check_images(train_set, 'train')
     num_classes = len(class_names)
     train_sampler, val_sampler = build_samplers(train_set, val_set, args)
     loader_kwargs = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda')

@@ -339,3 +339,19 @@ def test_failed_atomic_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         utils.atomic_torch_save({'x': 1}, str(path))
     assert os.listdir(tmp_path) == ['checkpoint.pth'] and path.read_bytes() == b'the previous checkpoint'
+
+
+def test_every_bad_image_is_listed_before_the_first_epoch(tmp_path, capsys):
+    data, out = make_image_folder(tmp_path / 'data'), tmp_path / 'out'
+    (data / 'val' / 'river' / 'river_1.jpg').write_bytes(b'not a jpeg')
+    (data / 'train' / 'harbor' / 'harbor_2.jpg').write_bytes(b'\xff\xd8 truncated')
+    common = ['--data-path', data, '--model', MODEL, '--target_flops', TARGET, '--epochs', '1',
+              '--output_dir', out] + FAST
+    code, _, err = run_main(common, capsys)
+    assert_clean_error(code, err, 'river_1.jpg', 'val/')
+    assert not out.exists(), 'nothing was written'
+    (data / 'val' / 'river' / 'river_1.jpg').unlink()
+    code, _, err = run_main(common, capsys)
+    assert_clean_error(code, err, 'harbor_2.jpg', 'train/')
+    code, _, err = run_main(common + ['--skip-image-check'], capsys)  # found by the loader instead
+    assert_clean_error(code, err, 'harbor_2.jpg')
