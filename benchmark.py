@@ -103,8 +103,7 @@ def main() -> None:
     results: Dict[str, float] = {}
 
     if 'inference' in args.parts:
-        for batch in args.inference_batches:
-            results.update(benchmark_inference(args, device, autocast, batch))
+        results.update(benchmark_inference(args, device, autocast))
     if 'train' in args.parts:
         results.update(benchmark_training(args, device, autocast, images))
     if 'sqrt' in args.parts:
@@ -114,26 +113,36 @@ def main() -> None:
             json.dump({'device': str(device), 'batch_size': args.batch_size, 'amp': args.amp, **results}, f, indent=1)
 
 
-def benchmark_inference(args, device, autocast, batch: int) -> Dict[str, float]:
+def benchmark_inference(args, device, autocast) -> Dict[str, float]:
     """Compression speedup against the FLOPs ratio, full keep against timm's DeiT-S, and the full
-    model (EAB+FTF) at DeiT-S's FLOPs against DeiT-S: the same work should take the same time."""
-    results = {}
-    images = torch.randn(batch, 3, 224, 224, device=device)
+    model (EAB+FTF) at DeiT-S's FLOPs against DeiT-S (the same work should take the same time),
+    at every batch size of --inference-batches."""
     schedule = vit_s_2_9_schedule()
     timm_net = timm.create_model('deit_small_patch16_224').to(device)
     timm_gflops = models.fvcore_flops(timm_net, 224, device) / 1e9
-    full_model_shape = sdt2net_small(True, True, FULL, torch.device('cpu')).shape()
-    at_deit_flops = models.uniform_schedule(full_model_shape, timm_gflops)  # ToMe-style merges
     nets = {
         'timm deit_small_patch16_224': timm_net,
         'sdt2net-S full keep (EAB/FTF off)': sdt2net_small(False, False, FULL, device),
         'sdt2net-S ViT-S-DeiT 2.9 (EAB/FTF off)': sdt2net_small(False, False, schedule, device),
         'sdt2net-S full keep (EAB+FTF)': sdt2net_small(True, True, FULL, device),
         'sdt2net-S ViT-S-DeiT 2.9 (EAB+FTF)': sdt2net_small(True, True, schedule, device),
-        'sdt2net-S at DeiT-S FLOPs (EAB+FTF)': sdt2net_small(True, True, at_deit_flops, device),
     }
+    at_deit_flops = models.uniform_schedule(nets['sdt2net-S full keep (EAB+FTF)'].shape(), timm_gflops)  # ToMe
+    nets['sdt2net-S at DeiT-S FLOPs (EAB+FTF)'] = sdt2net_small(True, True, at_deit_flops, device)
     flops = {name: float(net.eval().flops()) if isinstance(net, models.SDT2Net) else timm_gflops * 1e9
              for name, net in nets.items()}
+    results = {}
+    for batch in args.inference_batches:
+        results.update(inference_ratios(args, device, autocast, nets, flops, batch))
+    return results
+
+
+def inference_ratios(args, device, autocast, nets: Dict[str, torch.nn.Module], flops: Dict[str, float],
+                     batch: int) -> Dict[str, float]:
+    """The inference table and its ratios at one batch size."""
+    results = {}
+    images = torch.randn(batch, 3, 224, 224, device=device)
+    timm_gflops = flops['timm deit_small_patch16_224'] / 1e9
 
     def infer(net):
         def run():

@@ -152,12 +152,15 @@ def confusion_metrics(confusion: torch.Tensor, top5_correct: int, loss_sum: floa
     correct = confusion.trace().item()
     observed = correct / total
     chance = float((confusion.sum(0) * confusion.sum(1)).sum()) / total ** 2
-    per_class = (confusion.diagonal() / confusion.sum(1).clamp(min=1)).tolist()
+    recall = confusion.diagonal() / confusion.sum(1).clamp(min=1)  # [K], the per-class accuracy
+    precision = confusion.diagonal() / confusion.sum(0).clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=torch.finfo(recall.dtype).tiny)
     return {
         'acc1': 100 * observed, 'acc5': 100 * top5_correct / total, 'overall_accuracy': 100 * observed,
         'kappa': (observed - chance) / (1 - chance) if chance < 1 else 0.0,
         'loss': loss_sum / total, 'num_images': int(total),
-        'per_class_accuracy': [100 * a for a in per_class], 'confusion_matrix': confusion.long().tolist(),
+        'per_class_accuracy': (100 * recall).tolist(), 'per_class_precision': (100 * precision).tolist(),
+        'per_class_f1': (100 * f1).tolist(), 'confusion_matrix': confusion.long().tolist(),
     }
 
 

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 from typing import Any, Dict, Optional, Tuple
 
 import timm
+import torch
 
 import models
 from compression_schedule import load_schedule
@@ -44,6 +45,12 @@ def load_weights(model: models.SDT2Net, path: str) -> Dict[str, Any]:
     print(f'loaded {len(weights)} weight tensors from {path}; new: {len(new)}'
           + (f' (e.g. {", ".join(new[:4])})' if new else ''))
     return checkpoint
+
+
+def model_state(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The model entries of a checkpoint of this code, without the fixed-schedule buffer that
+    earlier versions stored among them (the schedule is read by checkpoint_schedule)."""
+    return {k: v for k, v in models.unwrap_state_dict(checkpoint['model']).items() if k != 'rates.fixed'}
 
 
 def checkpoint_schedule(checkpoint: Optional[Dict[str, Any]]) -> Optional[Tuple[Schedule, bool]]:
@@ -135,9 +142,8 @@ def load_trained_model(path: str) -> Tuple[models.SDT2Net, SimpleNamespace]:
     # the run's configuration, without fetching or loading its starting weights again
     args = SimpleNamespace(**{**stored, 'pretrained': False, 'finetune': ''})
     model = create_model(args, num_classes=len(checkpoint['class_names']))
-    weights = {k: v for k, v in models.unwrap_state_dict(checkpoint['model']).items() if k != 'rates.fixed'}
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(model_state(checkpoint))
     except RuntimeError as error:
         raise UserError(f'{path} does not fit the model its arguments describe: {str(error).splitlines()[0]}') from None
     stored_schedule = checkpoint_schedule(checkpoint)

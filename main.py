@@ -21,9 +21,11 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 import models
+from models.rates import SEARCH_STARTS
 from compression_schedule import DEFAULT_FILE, diffrate_key, save_schedule
 from datasets import UnreadableImageError, build_dataset, build_samplers, check_images
-from factory import FIXED_SCHEDULES, SCHEDULE_VARIANTS, create_model, load_weights, resolve_schedule, schedule_entry
+from factory import (FIXED_SCHEDULES, SCHEDULE_VARIANTS, create_model, load_weights, model_state, resolve_schedule,
+                     schedule_entry)
 from engine import Precision, SearchObjective, evaluate, measure_throughput, train_one_epoch
 from losses import build_criterion
 from utils import (NonFiniteLossError, OutputFolder, ReplicasDisagreeError, UserError, append_json_line,
@@ -81,7 +83,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--search-mode', default='alternate', choices=['alternate', 'joint', 'arch', 'weights'],
                    help='alternate: weight and rate steps take turns; joint: both every step; arch: rates only '
                         '(frozen weights, DiffRate\'s search); weights: weights only (fixed schedule)')
-    g.add_argument('--search-start', default='uniform', choices=['uniform', 'dense'],
+    g.add_argument('--search-start', default='uniform', choices=SEARCH_STARTS,
                    help='where a new search starts: DiffRate\'s uniform distributions (about half the tokens '
                         'kept) or nearly all mass on keeping every token')
     g.add_argument('--warmup_compression_rate', action='store_true', help='no FLOPs penalty in the first epoch')
@@ -234,7 +236,7 @@ def load_resumed_model(model: models.SDT2Net, state: Dict, path: str, args, clas
     """The resumed run's model state (weights and rates); its schedule is restored by
     resolve_schedule from the checkpoint's 'schedule' entry."""
     check_checkpoint_fits(state, path, args, class_names)
-    weights = {k: v for k, v in models.unwrap_state_dict(state['model']).items() if k != 'rates.fixed'}
+    weights = model_state(state)
     target = model.state_dict()
     mismatched = [f'{k}: checkpoint {tuple(v.shape)}, model {tuple(target[k].shape)}'
                   for k, v in weights.items() if k in target and v.shape != target[k].shape]
@@ -342,7 +344,7 @@ def main(args, cleanup: contextlib.ExitStack) -> None:
         print(f'kept tokens: prune {report["prune_kept_num"]}  merge {report["merge_kept_num"]}')
         if args.output_dir and is_main_process():
             atomic_write_text(json.dumps(report, indent=1) + '\n', os.path.join(args.output_dir, 'eval_metrics.json'))
-            write_per_class(os.path.join(args.output_dir, 'per_class.csv'), metrics['confusion_matrix'], class_names)
+            write_per_class(os.path.join(args.output_dir, 'per_class.csv'), metrics, class_names)
             if predictions is not None:
                 write_predictions(os.path.join(args.output_dir, 'predictions.csv'), val_set, predictions)
         return
@@ -397,23 +399,20 @@ def main(args, cleanup: contextlib.ExitStack) -> None:
                        class_names, run_id, summary)
             record = {'run_id': run_id, **{f'train_{k}': v for k, v in train_stats.items()},
                       **{f'test_{k}': v for k, v in test_stats.items()
-                         if k not in ('confusion_matrix', 'per_class_accuracy')},
+                         if k != 'confusion_matrix' and not k.startswith('per_class')},
                       'epoch': epoch, 'n_parameters': n_parameters, 'prune_kept_num': list(schedule.prune),
                       'merge_kept_num': list(schedule.merge)}
             append_json_line(record, os.path.join(args.output_dir, 'log.txt'))
     print(f'training time {time.time() - start:.0f}s; outputs in {args.output_dir or "(no --output_dir)"}')
 
 
-def write_per_class(path: str, confusion: List[List[int]], class_names: List[str]) -> None:
-    """Precision, recall and F1 of every class (%) from the confusion matrix [true, predicted]."""
-    lines = ['class,images,precision,recall,f1']
-    for i, name in enumerate(class_names):
-        true_positive = confusion[i][i]
-        predicted, actual = sum(row[i] for row in confusion), sum(confusion[i])
-        precision = 100 * true_positive / predicted if predicted else 0.0
-        recall = 100 * true_positive / actual if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        lines.append(f'{name},{actual},{precision:.2f},{recall:.2f},{f1:.2f}')
+def write_per_class(path: str, metrics: Dict, class_names: List[str]) -> None:
+    """Images, precision, recall and F1 (%) of every class, from evaluate's metrics."""
+    counts = [sum(row) for row in metrics['confusion_matrix']]
+    lines = ['class,images,precision,recall,f1'] + [
+        f'{name},{n},{p:.2f},{r:.2f},{f:.2f}' for name, n, p, r, f in zip(
+            class_names, counts, metrics['per_class_precision'], metrics['per_class_accuracy'],
+            metrics['per_class_f1'])]
     atomic_write_text('\n'.join(lines) + '\n', path)
 
 

@@ -67,7 +67,7 @@ def cell(values: List) -> str:
         digits = 4 if abs(mean) < 10 else 2
         return f'{mean:.{digits}f} +- {statistics.stdev(numbers):.{digits}f}' if len(numbers) > 1 \
             else f'{mean:.{digits}f}'
-    return ' | '.join(sorted({str(v) for v in values if v is not None})) or '-'
+    return ', '.join(sorted({str(v) for v in values if v is not None})) or '-'
 
 
 def main(argv=None) -> int:

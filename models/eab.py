@@ -45,7 +45,7 @@ class PatchGrid:
 
     def __init__(self, grid_size: Tuple[int, int], owner: Optional[torch.Tensor], num_tokens: int,
                  shift: int) -> None:
-        self.grid_size, self.owner, self.num_tokens, self.shift_by = grid_size, owner, num_tokens, shift
+        self.grid_size, self.owner, self.shift_by = grid_size, owner, shift
         if owner is None:
             return
         B, P = owner.shape

@@ -274,9 +274,8 @@ class SecondOrderHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor, size: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens: [B, N, C] patch tokens; size: [B, N, 1]; mask: [B, N] straight-through keep mask."""
-        features = self.features(tokens, size, mask)
-        with torch.autocast(device_type=tokens.device.type, enabled=False):
-            return self.fc(features)
+        with torch.autocast(device_type=tokens.device.type, enabled=False):  # features are float32
+            return self.fc(self.features(tokens, size, mask))
 
     def features(self, tokens: torch.Tensor, size: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The pooled second-order features before the classifier: [B, dim * (dim + 1) / 2]."""

@@ -211,10 +211,9 @@ class SDT2Net(VisionTransformer):
         pooled = super().forward_head(tokens, pre_logits=True)  # [B, C], class token
         if self.ftf is None:
             return pooled if pre_logits else self.head(pooled)
-        if state is None:  # every token stands for one patch
-            state = TokenState(alive=tokens.shape[1], grid_size=tuple(self.patch_embed.grid_size))
-        size = state.sizes(tokens)[:, 1:]
-        mask = state.mask[:, 1:] if state.mask is not None else None
+        # without a state every token stands for one patch and none is masked
+        size = (state.sizes(tokens) if state is not None else tokens.new_ones(*tokens.shape[:2], 1))[:, 1:]
+        mask = state.mask[:, 1:] if state is not None and state.mask is not None else None
         if pre_logits or self.num_classes == 0:
             second = self.ftf.features(tokens[:, 1:], size, mask)
             return torch.cat([pooled, second.to(pooled.dtype)], dim=-1)
