@@ -1,4 +1,5 @@
-# Set-up is automatic: the first `make test` or `make demo` creates .venv and installs requirements.txt.
+# Set-up is automatic: the first `make test` or `make demo` creates .venv and installs requirements.txt
+# (and requirements-export.txt, the optional ONNX packages, so that the tests cover export.py).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,9 +7,9 @@ DEMO_OUT ?= output/demo
 
 .PHONY: test demo bench clean
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-export.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-export.txt
 	touch $@
 
 test: $(VENV)/.installed

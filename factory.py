@@ -17,6 +17,11 @@ FIXED_SCHEDULES = ('dense', 'uniform', 'uniform-prune', 'geometric', 'geometric-
 SCHEDULE_VARIANTS = ('as-is', 'prune-only', 'merge-only')
 
 
+# The arguments that define the network and its evaluation transform (what a release file keeps).
+MODEL_ARGUMENTS = ('model', 'input_size', 'drop', 'drop_path', 'no_eab', 'no_ftf', 'eab_ratio', 'eab_groups',
+                   'eab_shift', 'eab_separate', 'granularity')
+
+
 def create_model(args, num_classes: int) -> models.SDT2Net:
     """The architecture of `args` with its initial (or timm's pretrained DeiT) weights."""
     try:

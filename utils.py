@@ -118,7 +118,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 # --- files ------------------------------------------------------------------------------------
-def _atomic(write, path: str) -> None:
+def atomic_write(write, path: str) -> None:
     """write(tmp) then rename over `path`: a crash never leaves a half-written file, and a failed
     write (a full disk) removes its temporary file and leaves `path` as it was."""
     tmp = f'{path}.tmp{os.getpid()}'
@@ -132,14 +132,14 @@ def _atomic(write, path: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    _atomic(lambda tmp: torch.save(obj, tmp), path)
+    atomic_write(lambda tmp: torch.save(obj, tmp), path)
 
 
 def atomic_write_text(text: str, path: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, 'w') as f:
             f.write(text)
-    _atomic(write, path)
+    atomic_write(write, path)
 
 
 def append_json_line(record: Dict[str, Any], path: str) -> None:

@@ -15,20 +15,11 @@ DATA=$(realpath "${1:-../shared/datasets/nwpu-resisc45}")
 mkdir -p "${2:-output/offtheshelf}/eval"
 OUT=$(realpath "${2:-output/offtheshelf}")
 PY=${PY:-$PWD/.venv/bin/python}
+source experiments/recipes.sh
 # GFLOPs budgets: about 80, 65, 50 and 40% of the dense 0.285
 read -r -a BUDGETS <<< "${BUDGETS:-0.23 0.185 0.145 0.115}"
-export OMP_NUM_THREADS=1
-MODEL=(--data-path "$DATA" --model sdt2net_tiny_patch16_224 --input-size 112 --no-eab --no-ftf --batch-size 64
-       --num_workers 1 --print-freq 50 --seed 0)
-BACKBONE="$OUT/backbone/checkpoint.pth"
-# The search: 3 epochs of rate-only steps on the training images without RandAugment, erasing or
-# mixup (the frozen model is judged on images like those it will see); lambda scaled to the model:
-# DiffRate's 5 for DeiT-S at 224 px (4.6 GFLOPs) times (4.6 / 0.285)^2 gives the same pull on a
-# relative FLOPs error.
-SEARCH=(--search-mode arch --epochs 3 --arch-lr 0.05 --arch-min-lr 0.01 --flops-lambda 1300 --aa none
-        --reprob 0 --mixup 0 --cutmix 0 --warmup-epochs 0)
+MODEL=("${BASE[@]}" --no-eab --no-ftf --seed 0)
 EVAL=(--eval --eval-split test --finetune "$BACKBONE" --throughput-batch 0)
-rm -rf "$OUT/locks"  # a killed run's claims
 
 done_file() { [[ -f "$1" ]]; }
 
@@ -124,14 +115,5 @@ for t in "${BUDGETS[@]}"; do JOBS+=("budget $t"); done
 [[ -n "${BEFORE:-}" ]] && for t in "${BUDGETS[@]}"; do JOBS+=("before_fix $t"); done
 [[ -n "${DENSE_START:-}" ]] && for t in "${BUDGETS[@]}"; do JOBS+=("dense_start $t"); done
 [[ -n "${LONG:-}" ]] && for t in $LONG; do JOBS+=("long_search $t"); done
-mkdir -p "$OUT/locks"
-worker() {  # takes the next job nobody has started (mkdir is the lock)
-  for job in "${JOBS[@]}"; do
-    mkdir "$OUT/locks/${job// /_}" 2>/dev/null || continue
-    $job
-  done
-}
-for _ in $(seq "${SLOTS:-2}"); do worker & done
-wait
-rm -rf "$OUT/locks"
+run_pool "$OUT/locks" "${JOBS[@]}"
 echo "done: $OUT"

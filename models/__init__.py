@@ -4,6 +4,7 @@ from .flops import ModelShape, analytic_flops, fvcore_flops
 from .ftf import pade_sqrtm
 from .schedule import Schedule, flops_range, smallest_schedule, uniform_schedule
 from .sdt2net import SDT2Net
+from .tracing import export_numerics
 
 __all__ = ['SDT2Net', 'Schedule', 'ModelShape', 'adapt_state_dict', 'unwrap_state_dict', 'analytic_flops',
-           'fvcore_flops', 'pade_sqrtm', 'flops_range', 'smallest_schedule', 'uniform_schedule']
+           'fvcore_flops', 'export_numerics', 'pade_sqrtm', 'flops_range', 'smallest_schedule', 'uniform_schedule']

@@ -7,12 +7,16 @@ linear classifier. The root has a hand-written backward pass and a products-only
 forward plus backward cost a fraction of an eigendecomposition (docs/benchmark.md). Everything
 runs in float32 or better, also under autocast.
 """
+import functools
+import math
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from .tracing import exporting
 
 RIDGE = 1e-5  # relative ridge added to the covariance before its root (see add_ridge)
 
@@ -101,11 +105,37 @@ def pade_sqrtm_flops(d: int) -> int:
     return 5 * d ** 3 + spd_inverse_flops(d)
 
 
-def _quadratic(z: torch.Tensor, z2: torch.Tensor, c0: float, c1: float) -> torch.Tensor:
-    """Z^2 + c1 Z + c0 I for a batch of matrices z, z2 = z @ z: [B, d, d]."""
-    out = torch.add(z2, z, alpha=c1)
-    out.diagonal(dim1=1, dim2=2).add_(c0)
-    return out
+def newton_schulz_inverse(a: torch.Tensor, lower: float, upper: float, tol: float = 1e-7) -> torch.Tensor:
+    """Inverse of symmetric matrices a: [B, n, n] whose eigenvalues lie in [lower, upper] (> 0),
+    with matrix products only (the exported model's path: ONNX has no factorisation).
+
+    Newton-Schulz, X <- 2X - X A X from X = 2 / (lower + upper) I: the residual I - A X starts
+    at most rho = (upper - lower) / (upper + lower) in norm and squares every step, so
+    ceil(log2(log(tol) / log(rho))) steps reach tol (14 for the root's denominator at d = 48).
+    """
+    rho = (upper - lower) / (upper + lower)
+    steps = max(1, math.ceil(math.log2(math.log(tol) / math.log(rho))))
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    x = (eye * (2.0 / (lower + upper))).expand_as(a)
+    for _ in range(steps):
+        x = 2 * x - x @ a @ x
+    return x
+
+
+@functools.lru_cache(maxsize=None)
+def denominator_bounds(d: int) -> Tuple[float, float]:
+    """Bounds on the eigenvalues of Qn(Z) = Q(Z) / q2 for d x d matrices: Q over the interval
+    [1 - d^(1/4), 1] where spectral_scale puts the eigenvalues of Z, with a 10% margin."""
+    z = np.linspace(1.0 - d ** 0.25, 1.0, 100001)
+    values = np.polyval(np.asarray(PADE_Q)[::-1], z) / PADE_Q[2]
+    return float(values.min()) * 0.9, float(values.max()) * 1.1
+
+
+def _quadratic(z: torch.Tensor, z2: torch.Tensor, c0: float, c1: float, eye: torch.Tensor) -> torch.Tensor:
+    """Z^2 + c1 Z + c0 I for a batch of matrices z, z2 = z @ z: [B, d, d]; eye: I [d, d]."""
+    # NOTE adding c0 I whole (not in place on the diagonal view) gives the same numbers and keeps
+    # the graph functional, which torch.export needs.
+    return torch.add(z2, z, alpha=c1) + eye * c0
 
 
 def _pade_forward(a: torch.Tensor):
@@ -120,21 +150,23 @@ def _pade_forward(a: torch.Tensor):
     scale, a2 = spectral_scale(a)  # [B, 1, 1], [B, d, d]
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     z = torch.addcmul(eye, a, -scale.reciprocal())  # I - A / s
-    z2 = torch.addcmul(z, a2, scale.pow(-2)).add_(z)  # (I - A / s)^2 = 2 Z + A^2 / s^2 - I
-    z2.diagonal(dim1=1, dim2=2).sub_(1.0)
+    z2 = (torch.addcmul(z, a2, scale.pow(-2)) + z) - eye  # (I - A / s)^2 = 2 Z + A^2 / s^2 - I
     z3 = z2 @ z
-    numerator = _quadratic(z, z2, p[0] / p[2], p[1] / p[2]).baddbmm_(
-        z3, _quadratic(z, z2, p[3] / p[5], p[4] / p[5]), alpha=p[5] / p[2])
-    denominator = _quadratic(z, z2, q[0] / q[2], q[1] / q[2]).baddbmm_(
-        z3, _quadratic(z, z2, q[3] / q[5], q[4] / q[5]), alpha=q[5] / q[2])
+    numerator = torch.baddbmm(_quadratic(z, z2, p[0] / p[2], p[1] / p[2], eye),
+                              z3, _quadratic(z, z2, p[3] / p[5], p[4] / p[5], eye), alpha=p[5] / p[2])
+    denominator = torch.baddbmm(_quadratic(z, z2, q[0] / q[2], q[1] / q[2], eye),
+                                z3, _quadratic(z, z2, q[3] / q[5], q[4] / q[5], eye), alpha=q[5] / q[2])
     # Q's roots lie beyond z = 1 (the poles of a Pade approximant of a Stieltjes function sit on
     # its branch cut [1, inf)), so Q(Z) is symmetric positive definite whenever A is PSD.
-    denominator_inv, info = spd_inverse(denominator)
-    ratio = denominator_inv @ numerator  # [B, d, d], symmetric: Qn^-1 and Pn commute
     gain = scale.sqrt() * (p[2] / q[2])  # [B, 1, 1]
-    # A failed factorisation (NaN or an indefinite input) must not pass for a number; the
-    # gain also scales the backward pass, so the gradient of such a matrix is NaN as well.
-    gain = gain.masked_fill((info != 0)[:, None, None], float('nan'))
+    if exporting():
+        denominator_inv = newton_schulz_inverse(denominator, *denominator_bounds(a.shape[-1]))
+    else:
+        denominator_inv, info = spd_inverse(denominator)
+        # A failed factorisation (NaN or an indefinite input) must not pass for a number; the
+        # gain also scales the backward pass, so the gradient of such a matrix is NaN as well.
+        gain = gain.masked_fill((info != 0)[:, None, None], float('nan'))
+    ratio = denominator_inv @ numerator  # [B, d, d], symmetric: Qn^-1 and Pn commute
     return ratio * gain, (z, z2, z3, ratio, denominator_inv, scale, gain)
 
 

@@ -47,11 +47,14 @@ class CompressionRates(nn.Module):
         self.logits = nn.Parameter(torch.zeros(self.num_stages, len(candidates)))
         # Kept patch count of every stage fixed by `fix` (-1: learned).
         self.register_buffer('fixed', torch.full((self.num_stages,), -1, dtype=torch.long), persistent=False)
+        # NOTE the same counts on the host: a fixed schedule is read without touching a tensor, so
+        # evaluation costs no host sync and torch.export / ONNX tracing see constants.
+        self._fixed_host: Optional[List[int]] = None
         self._cache: Optional[Tuple[tuple, torch.Tensor, List[int]]] = None  # key, counts on device, on host
 
     @property
     def is_fixed(self) -> bool:
-        return bool((self.fixed >= 0).all())
+        return self._fixed_host is not None
 
     def reset(self, start: str = 'uniform') -> None:
         """Restart the distributions: 'uniform' (DiffRate's start: every candidate equally likely,
@@ -95,6 +98,8 @@ class CompressionRates(nn.Module):
 
     def hard_stage_patches(self) -> List[int]:
         """Integer kept patch counts of every stage."""
+        if self._fixed_host is not None:
+            return list(self._fixed_host)
         return list(self._hard_counts()[1])
 
     def token_masks(self) -> torch.Tensor:
@@ -122,10 +127,12 @@ class CompressionRates(nn.Module):
     def fix(self, schedule: Schedule) -> None:
         """Fix the schedule (evaluation, fine-tuning); raises ValueError if it does not fit."""
         schedule.check(self.depth, self.num_patches)
-        self.fixed.copy_(torch.tensor(schedule.stages(), dtype=torch.long))
+        self._fixed_host = list(schedule.stages())
+        self.fixed.copy_(torch.tensor(self._fixed_host, dtype=torch.long))
 
     def release(self) -> None:
         """Return to the learned schedule (undo fix)."""
+        self._fixed_host = None
         self.fixed.fill_(-1)
 
     def schedule(self) -> Schedule:

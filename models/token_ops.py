@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .tracing import tracing
+
 
 @dataclass
 class TokenState:
@@ -50,7 +52,12 @@ def sort_by_importance(importance: torch.Tensor, alive: int) -> torch.Tensor:
     Returns order: [B, N], order[b, t] = old index of the token moved to position t.
     """
     B, n_patches = importance.shape
-    ranked = torch.sort(importance[:, :alive - 1], dim=1, descending=True, stable=True).indices + 1
+    scores = importance[:, :alive - 1]
+    if tracing():
+        # NOTE ONNX has no sort; its TopK breaks ties by the lower index, as the stable sort does.
+        ranked = torch.topk(scores, scores.shape[1], dim=1).indices + 1
+    else:
+        ranked = torch.sort(scores, dim=1, descending=True, stable=True).indices + 1
     head = torch.zeros(B, 1, dtype=ranked.dtype, device=ranked.device)
     tail = torch.arange(alive, n_patches + 1, device=ranked.device).expand(B, -1)
     return torch.cat([head, ranked, tail], dim=1)

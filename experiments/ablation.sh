@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# SDT2Net's ablation at one budget (the paper's table): DeiT + DTC, + EAB, + FTF, + EAB + FTF, all
+# from the backbone of experiments/offtheshelf.sh (EAB's last convolution and FTF's classifier
+# start at zero, so every row starts as the backbone's function). Per row: a 3-epoch rate search at
+# BUDGET GFLOPs with that row's own FLOPs (EAB's and FTF's cost included, so a row with EAB keeps
+# fewer tokens), then EPOCHS epochs of fine-tuning under the schedule found with three seeds (the
+# recipes of experiments/recipes.sh), top-1 on test/. Restartable: a finished stage is skipped.
+# Usage: [SLOTS=2] [EPOCHS=5] [BUDGET=0.185] experiments/ablation.sh [DATA] [OUT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=$(realpath "${1:-../shared/datasets/nwpu-resisc45}")
+OUT=$(realpath "${2:-output/offtheshelf}")
+PY=${PY:-$PWD/.venv/bin/python}
+source experiments/recipes.sh
+BUDGET=${BUDGET:-0.185}
+ROWS=(deit eab ftf both)
+if [[ ! -f "$OUT/backbone/done" ]]; then
+  echo "error: no trained backbone in $OUT/backbone: run experiments/offtheshelf.sh first" >&2
+  exit 2
+fi
+mkdir -p "$OUT/ablation"
+
+search() {  # variant: the rates searched on the frozen backbone (+ the variant's new, zero-started parts)
+  local row=$1 dir="$OUT/ablation/search_$1" model
+  read -r -a model <<< "$(variant "$row")"
+  [[ -f "$dir/done" ]] && return
+  "$PY" main.py "${BASE[@]}" "${model[@]}" "${SEARCH[@]}" --seed 0 --finetune "$BACKBONE" --target_flops "$BUDGET" \
+    --autoresume --output_dir "$dir" > "$dir.log" 2>&1
+  touch "$dir/done"
+}
+
+JOBS=()
+for row in "${ROWS[@]}"; do JOBS+=("search $row"); done
+run_pool "$OUT/ablation/locks" "${JOBS[@]}"
+JOBS=()
+for seed in 0 1 2; do
+  for row in "${ROWS[@]}"; do
+    search_dir="$OUT/ablation/search_$row"
+    JOBS+=("tune_and_test $OUT/ablation/${row}_seed$seed $seed $row --finetune $search_dir/checkpoint.pth \
+--load_compression_rate --compression-rate-file $search_dir/compression_rate.json --target_flops $BUDGET")
+  done
+done
+run_pool "$OUT/ablation/locks" "${JOBS[@]}"
+echo "done: $OUT/ablation"

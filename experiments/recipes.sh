@@ -1,0 +1,52 @@
+# Shared by the experiment scripts (sourced): the model, the search and fine-tuning recipes, and a
+# pool of workers over restartable jobs. Expects DATA, OUT and PY to be set.
+export OMP_NUM_THREADS=1  # two jobs share the 2 cores; default threads oversubscribe them
+# DeiT-Tiny at 112 px; `variant` adds the EAB / FTF switches
+BASE=(--data-path "$DATA" --model sdt2net_tiny_patch16_224 --input-size 112 --batch-size 64 --num_workers 1
+      --print-freq 50)
+BACKBONE="$OUT/backbone/checkpoint.pth"
+# The search: 3 epochs of rate-only steps on the training images without RandAugment, erasing or
+# mixup (the frozen model is judged on images like those it will see); lambda scaled to the model:
+# DiffRate's 5 for DeiT-S at 224 px (4.6 GFLOPs) times (4.6 / 0.285)^2 gives the same pull on a
+# relative FLOPs error.
+SEARCH=(--search-mode arch --epochs 3 --arch-lr 0.05 --arch-min-lr 0.01 --flops-lambda 1300 --aa none
+        --reprob 0 --mixup 0 --cutmix 0 --warmup-epochs 0)
+# Fine-tuning: DiffRate's recipe (lr 2e-5 after batch scaling: --lr is for a total batch of 512 and
+# scaled by 64 / 512 here; min lr 1e-6, no warm-up; drop-path 0 as DiffRate uses for Tiny) with the
+# backbone's augmentation, for EPOCHS epochs (CPU budget).
+TUNE=(--epochs "${EPOCHS:-5}" --lr 1.6e-4 --min-lr 1e-6 --warmup-epochs 0 --drop-path 0.0 --mixup 0 --cutmix 0)
+
+variant() {  # the flags of a model variant: deit (EAB and FTF off), eab, ftf, both
+  case $1 in deit) echo --no-eab --no-ftf ;; eab) echo --no-ftf ;; ftf) echo --no-eab ;; both) ;;
+    *) echo "unknown variant $1" >&2; return 1 ;; esac
+}
+
+tune_and_test() {  # folder, seed, variant, flags...: fine-tune, then evaluate the last checkpoint on test/
+  local dir=$1 seed=$2 model; shift 2
+  read -r -a model <<< "$(variant "$1")"; shift
+  if [[ ! -f "$dir/done" ]]; then
+    "$PY" main.py "${BASE[@]}" "${model[@]}" "${TUNE[@]}" --seed "$seed" --output_dir "$dir" --autoresume "$@" \
+      > "$dir.log" 2>&1
+    touch "$dir/done"
+  fi
+  [[ -f "$dir/eval/eval_metrics.json" ]] || "$PY" main.py "${BASE[@]}" "${model[@]}" --eval --eval-split test \
+    --resume "$dir/checkpoint.pth" --throughput-batch 0 --output_dir "$dir/eval" > "$dir.eval.log" 2>&1
+}
+
+run_pool() {  # lock folder, job command lines...: SLOTS workers (default 2) take the jobs in order
+  local locks=$1; shift
+  local jobs=("$@")
+  rm -rf "$locks" && mkdir -p "$locks"  # a killed run's claims
+  worker() {  # takes the next job nobody has started (mkdir is the lock)
+    local i
+    for i in "${!jobs[@]}"; do
+      mkdir "$locks/$i" 2>/dev/null || continue
+      ${jobs[$i]}
+    done
+  }
+  local pids=() failed=0 pid
+  for _ in $(seq "${SLOTS:-2}"); do worker & pids+=($!); done
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done  # a failed job stops its worker
+  rm -rf "$locks"
+  return $failed
+}

@@ -1,0 +1,178 @@
+"""Export a checkpoint of main.py for use outside training.
+
+    python export.py release OUT/model_best.pth sdt2net_nwpu.pth
+    python export.py onnx OUT/model_best.pth sdt2net_nwpu.onnx --check DATA/test --max-images 256
+
+`release` writes a weights-only file (weights, schedule, class names, the arguments that define
+the network; no optimizer state) that factory.load_trained_model, predict.py, `main.py --eval
+--finetune FILE` and `main.py --finetune FILE` read, and timm.create_model(..., checkpoint_path=FILE)
+loads the weights of. `onnx` writes the evaluation model under its fixed schedule as an ONNX graph
+(static token counts, dynamic batch; class names, schedule and preprocessing in its metadata) and,
+with --check, runs it in onnxruntime on real images against PyTorch.
+"""
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+import models
+from datasets import build_transform
+from factory import MODEL_ARGUMENTS, load_trained_model, schedule_entry
+from predict import batches, collect_images
+from utils import UserError, atomic_torch_save, atomic_write
+
+ONNX_OPSET = 18
+PARITY_TOLERANCE = 1e-4  # largest |logit| difference between onnxruntime and PyTorch accepted
+
+
+def release(checkpoint_path: str, out_path: str) -> Dict:
+    """Write the weights-only release file of a checkpoint; returns what it holds."""
+    model, args = load_trained_model(checkpoint_path)
+    source = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
+    content = {
+        'model': model.state_dict(),
+        'schedule': schedule_entry(model),
+        'class_names': model.class_names,
+        'args': {key: getattr(args, key) for key in MODEL_ARGUMENTS if hasattr(args, key)},
+        'metrics': source.get('metrics'),
+        'source': {'checkpoint': os.path.abspath(checkpoint_path), 'run_id': source.get('run_id'),
+                   'epoch': source.get('epoch')},
+    }
+    atomic_torch_save(content, out_path)
+    return content
+
+
+def export_onnx(model: models.SDT2Net, path: str, input_size: int, metadata: Optional[Dict[str, str]] = None,
+                optimize: bool = True) -> None:
+    """Trace the evaluation model (its fixed schedule becomes static token counts) to ONNX with a
+    dynamic batch dimension; `metadata` goes into the model's metadata_props. `optimize` runs
+    onnxscript's graph optimiser (a quarter of the nodes; most of the export time)."""
+    import onnx  # optional dependencies: requirements-export.txt
+    model = model.eval()
+    example = torch.zeros(2, 3, input_size, input_size)
+    batch = torch.export.Dim('batch', min=1, max=4096)
+    try:
+        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=ONNX_OPSET, verbose=False, optimize=optimize,
+                                    input_names=['images'], output_names=['logits'], dynamic_shapes={'x': {0: batch}})
+    except Exception as error:  # the exporter raises its own error types, naming the operation
+        raise UserError(f'ONNX export failed: {str(error).strip().splitlines()[0]}') from None
+    graph = program.model_proto
+    for key, value in (metadata or {}).items():
+        graph.metadata_props.add(key=key, value=value)
+    atomic_write(lambda tmp: onnx.save_model(graph, tmp), path)
+
+
+def onnx_session_options():
+    """onnxruntime's session options without its warnings (it notes every node it cannot fold)."""
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    return options
+
+
+def compare_with_onnxruntime(model: models.SDT2Net, onnx_path: str, images: List[torch.Tensor]) -> Dict[str, float]:
+    """Run both on the same batches: the largest logit difference against PyTorch running the
+    graph's own operations (models.tracing) and against the eager model, and top-1 agreement."""
+    import onnxruntime
+    session = onnxruntime.InferenceSession(onnx_path, onnx_session_options(), providers=['CPUExecutionProvider'])
+    traced_diff = eager_diff = 0.0
+    agree = total = 0
+    for batch in images:
+        runtime = torch.from_numpy(session.run(None, {'images': batch.numpy()})[0])
+        with torch.no_grad():
+            eager = model(batch)
+            with models.export_numerics():
+                traced = model(batch)
+        traced_diff = max(traced_diff, (runtime - traced).abs().max().item())
+        eager_diff = max(eager_diff, (runtime - eager).abs().max().item())
+        agree += int((runtime.argmax(-1) == eager.argmax(-1)).sum())
+        total += len(batch)
+    return {'images': total, 'max_abs_diff_traced': traced_diff, 'max_abs_diff_eager': eager_diff,
+            'top1_agreement': agree / total}
+
+
+def onnx_command(args) -> int:
+    model, run_args = load_trained_model(args.checkpoint)
+    schedule = model.schedule()
+    metadata = {
+        'class_names': json.dumps(model.class_names),
+        'input_size': str(run_args.input_size),
+        'preprocessing': 'RGB, resize shorter side to input_size / 0.875 (bicubic), centre crop, '
+                         'scale to [0, 1], normalise with mean/std',
+        'mean': json.dumps(list(IMAGENET_DEFAULT_MEAN)),  # datasets.build_transform's
+        'std': json.dumps(list(IMAGENET_DEFAULT_STD)),
+        'schedule': json.dumps({'prune': list(schedule.prune), 'merge': list(schedule.merge)}),
+        'gflops': f'{float(model.flops()) / 1e9:.4f}',
+        'source': os.path.abspath(args.checkpoint),
+    }
+    export_onnx(model, args.out, run_args.input_size, metadata, optimize=not args.no_optimize)
+    print(f'wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB, opset {ONNX_OPSET}, dynamic batch)')
+    if not args.check:
+        return 0
+    transform = build_transform(False, run_args)
+    paths = collect_images(args.check)[:args.max_images]
+    images = [batch for _, batch in batches(paths, transform, args.batch_size)]
+    result = compare_with_onnxruntime(model, args.out, images)
+    print(json.dumps(result))
+    if result['max_abs_diff_traced'] > PARITY_TOLERANCE:
+        raise UserError(f'onnxruntime differs from PyTorch by {result["max_abs_diff_traced"]:.2e} in the logits '
+                        f'(tolerance {PARITY_TOLERANCE:g}); the file is written but should not be trusted')
+    return 0
+
+
+def release_command(args) -> int:
+    content = release(args.checkpoint, args.out)
+    size = os.path.getsize(args.out) / 1e6
+    print(f'wrote {args.out} ({size:.1f} MB: weights, schedule, {len(content["class_names"])} class names, '
+          f'model arguments)')
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog='export.py', description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest='command', required=True)
+    rel = commands.add_parser('release', help='weights-only release file', description=release.__doc__,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    rel.add_argument('checkpoint', help='checkpoint.pth or model_best.pth written by main.py')
+    rel.add_argument('out', help='the release file to write (.pth)')
+    onnx_parser = commands.add_parser('onnx', help='ONNX graph of the evaluation model',
+                                      description=export_onnx.__doc__,
+                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    onnx_parser.add_argument('checkpoint', help='checkpoint.pth, model_best.pth or a release file')
+    onnx_parser.add_argument('out', help='the .onnx file to write')
+    onnx_parser.add_argument('--check', nargs='*', default=[], metavar='IMAGES',
+                             help='image files or folders to compare onnxruntime with PyTorch on')
+    onnx_parser.add_argument('--max-images', type=int, default=256, help='images of --check used at most')
+    onnx_parser.add_argument('--batch-size', type=int, default=32, help='images per batch of --check')
+    onnx_parser.add_argument('--no-optimize', action='store_true',
+                             help="skip onnxscript's graph optimiser: about 3x faster export, a larger graph")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == 'onnx':
+            try:
+                import onnx  # noqa: F401
+                import onnxruntime  # noqa: F401
+                import onnxscript  # noqa: F401
+            except ImportError as error:
+                raise UserError(f'ONNX export needs the optional packages of requirements-export.txt '
+                                f'({error.name} is missing): pip install -r requirements-export.txt') from None
+            return onnx_command(args)
+        return release_command(args)
+    except UserError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f'error: {error.strerror or error}: {error.filename or ""}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('error: interrupted; files already written are complete (writes are atomic)', file=sys.stderr)
+        return 130
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""export.py: the release file loads wherever a checkpoint does; the ONNX graph runs in
+onnxruntime with PyTorch's logits (skipped without the optional packages)."""
+import importlib.util
+import json
+
+import pytest
+import timm
+import torch
+
+import export
+import main as entry
+import models
+import predict
+from datasets import build_transform, load_rgb
+from factory import load_trained_model
+from test_pipeline import FAST, MODEL, TARGET, make_image_folder
+
+HAVE_ONNX = all(importlib.util.find_spec(name) for name in ('onnx', 'onnxruntime', 'onnxscript'))
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A short search on an image folder (EAB and FTF on): (data folder, run folder)."""
+    root = tmp_path_factory.mktemp('export')
+    data, out = make_image_folder(root / 'data', val=3), root / 'out'
+    assert entry.run([str(a) for a in ['--data-path', data, '--model', MODEL, '--target_flops', TARGET,
+                                       '--epochs', '1', '--output_dir', out] + FAST]) == 0
+    return data, out
+
+
+def logits_of(model, data) -> torch.Tensor:
+    transform = build_transform(False, type('Args', (), {'input_size': 48})())
+    images = torch.stack([transform(load_rgb(str(p))) for p in sorted((data / 'val').rglob('*.jpg'))])
+    with torch.no_grad():
+        return model(images)
+
+
+def test_release_file_is_small_and_loads_like_the_checkpoint(trained, tmp_path, capsys):
+    data, out = trained
+    release = tmp_path / 'release.pth'
+    assert export.main(['release', str(out / 'checkpoint.pth'), str(release)]) == 0
+    content = torch.load(release, weights_only=True)
+    assert 'optimizer' not in content and content['schedule']['fixed'] is True
+    assert release.stat().st_size < (out / 'checkpoint.pth').stat().st_size / 2
+    original, _ = load_trained_model(str(out / 'checkpoint.pth'))
+    loaded, _ = load_trained_model(str(release))
+    assert loaded.schedule() == original.schedule() and loaded.class_names == original.class_names
+    assert torch.equal(logits_of(loaded, data), logits_of(original, data))
+    # timm's own loader takes the weights (the schedule is the file's 'schedule' entry)
+    net = timm.create_model(MODEL, checkpoint_path=str(release), num_classes=3, img_size=48, granularity=2)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in content['model'].items())
+    capsys.readouterr()
+    assert predict.main([str(release), str(data / 'val'), '--out', str(tmp_path / 'p.jsonl')]) == 0
+    assert len(open(tmp_path / 'p.jsonl').readlines()) == 9
+    # main.py evaluates it with its stored schedule, without a resume checkpoint
+    assert entry.run([str(a) for a in ['--data-path', data, '--model', MODEL, '--eval', '--finetune', release,
+                                       '--output_dir', tmp_path / 'eval'] + FAST]) == 0
+    assert 'stored with the --finetune weights' in capsys.readouterr().out
+
+
+def test_export_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
+    assert export.main(['release', str(tmp_path / 'none.pth'), str(tmp_path / 'r.pth')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: checkpoint not found') and err.count('\n') == 1
+    assert not (tmp_path / 'r.pth').exists()
+
+
+def test_export_numerics_agree_with_the_eager_operations():
+    """The exported graph's Newton-Schulz inverse in the Pade root computes what the Cholesky
+    inverse does, so its logits equal the eager model's (many tokens: a full-rank covariance)."""
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL, num_classes=5, depth=3).eval()
+    model.ftf.fc.weight.data.normal_(std=0.02)  # the classifier starts at zero; make it count
+    model.fix_schedule(models.Schedule([197, 150, 120], [197, 130, 100]))
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        eager = model(x)
+        with models.export_numerics():
+            traced = model(x)
+    assert (eager - traced).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(not HAVE_ONNX, reason='optional packages of requirements-export.txt not installed')
+def test_onnx_export_runs_in_onnxruntime_with_pytorchs_logits(trained, tmp_path, capsys):
+    import onnx
+    import onnxruntime
+    data, out = trained
+    path = tmp_path / 'model.onnx'
+    assert export.main(['onnx', str(out / 'model_best.pth'), str(path), '--check', str(data / 'val'),
+                        '--batch-size', '4', '--no-optimize']) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report['images'] == 9 and report['top1_agreement'] == 1.0
+    assert report['max_abs_diff_traced'] < export.PARITY_TOLERANCE
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    model, _ = load_trained_model(str(out / 'model_best.pth'))
+    assert json.loads(meta['class_names']) == model.class_names and meta['input_size'] == '48'
+    # another batch size than the one traced: the batch dimension is dynamic
+    session = onnxruntime.InferenceSession(str(path), export.onnx_session_options(), providers=['CPUExecutionProvider'])
+    x = torch.randn(5, 3, 48, 48)
+    with torch.no_grad(), models.export_numerics():
+        expected = model(x)
+    got = torch.from_numpy(session.run(None, {'images': x.numpy()})[0])
+    assert (got - expected).abs().max() < export.PARITY_TOLERANCE
+
+
+@pytest.mark.skipif(not HAVE_ONNX, reason='optional packages of requirements-export.txt not installed')
+def test_exported_token_order_breaks_ties_as_the_stable_sort(tmp_path):
+    import onnxruntime
+    from models.token_ops import sort_by_importance
+
+    class Order(torch.nn.Module):
+        def forward(self, importance):
+            return sort_by_importance(importance, importance.shape[1] + 1)
+    importance = torch.tensor([[0.2, 0.5, 0.2, 0.1, 0.5, 0.5, 0.2]])
+    torch.onnx.export(Order().eval(), (importance,), str(tmp_path / 'order.onnx'), dynamo=True, verbose=False)
+    session = onnxruntime.InferenceSession(str(tmp_path / 'order.onnx'), providers=['CPUExecutionProvider'])
+    got = session.run(None, {session.get_inputs()[0].name: importance.numpy()})[0]
+    assert got.tolist() == sort_by_importance(importance, 8).tolist() == [[0, 2, 5, 6, 1, 3, 7, 4]]
