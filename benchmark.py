@@ -14,6 +14,7 @@ import ctypes.util
 import json
 import os
 import statistics
+import tempfile
 import warnings
 from typing import Callable, Dict, List
 
@@ -88,7 +89,12 @@ def main() -> None:
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--parts', nargs='+', default=['inference', 'train', 'sqrt'],
-                        choices=['inference', 'train', 'sqrt'], help='which benchmarks to run')
+                        choices=['inference', 'train', 'sqrt', 'onnx'],
+                        help='which benchmarks to run (onnx: onnxruntime against PyTorch, needs requirements-export.txt)')
+    parser.add_argument('--onnx-model', default='sdt2net_small_patch16_224', help='model of the onnx part (EAB+FTF)')
+    parser.add_argument('--onnx-input-size', type=int, default=224, help='image size of the onnx part')
+    parser.add_argument('--onnx-no-optimize', action='store_true',
+                        help="export without onnxscript's graph optimiser (export.py onnx --no-optimize)")
     parser.add_argument('--json', default='', help='also write the results here')
     parser.add_argument('--fresh-allocator', action='store_true',
                         help="keep glibc's start-up memory thresholds (see retain_freed_memory)")
@@ -108,6 +114,8 @@ def main() -> None:
         results.update(benchmark_training(args, device, autocast, images))
     if 'sqrt' in args.parts:
         results.update(benchmark_sqrt(args, device))
+    if 'onnx' in args.parts:
+        results.update(benchmark_onnx(args))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({'device': str(device), 'batch_size': args.batch_size, 'amp': args.amp, **results}, f, indent=1)
@@ -169,6 +177,42 @@ def inference_ratios(args, device, autocast, nets: Dict[str, torch.nn.Module], f
     results[f'EAB+FTF at DeiT-S FLOPs throughput / timm batch {batch}'] = same_work
     print(f'SDT2Net-S (EAB+FTF) at {flops["sdt2net-S at DeiT-S FLOPs (EAB+FTF)"] / 1e9:.2f} GFLOPs throughput / '
           f'timm DeiT-S at {timm_gflops:.2f}: {same_work:.2f} (target >= 0.90)')
+    return results
+
+
+def benchmark_onnx(args) -> Dict[str, float]:
+    """onnxruntime against PyTorch eager on the CPU with the same threads: --onnx-model with EAB
+    and FTF under the same-fraction merge schedule at 60% of its dense FLOPs, exported as
+    export.py does, at every batch size of --inference-batches."""
+    import onnxruntime
+    from export import export_onnx, onnx_session_options
+    model = timm.create_model(args.onnx_model, img_size=args.onnx_input_size, num_classes=1000).eval()
+    shape = model.shape()
+    dense = models.Schedule.dense(shape.depth, shape.num_patches).flops(shape) / 1e9
+    model.fix_schedule(models.uniform_schedule(shape, 0.6 * dense, 'merge', 'ratio'))
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, 'model.onnx')
+        export_onnx(model, path, args.onnx_input_size, optimize=not args.onnx_no_optimize)
+        options = onnx_session_options()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+        print(f'\nonnxruntime {onnxruntime.__version__} against PyTorch eager, {args.onnx_model} (EAB+FTF) at '
+              f'{args.onnx_input_size} px, {float(model.flops()) / 1e9:.3f} GFLOPs, CPU, '
+              f'{torch.get_num_threads()} threads, graph {"not " if args.onnx_no_optimize else ""}optimised')
+        for batch in args.inference_batches:
+            images = torch.randn(batch, 3, args.onnx_input_size, args.onnx_input_size)
+            feed = {'images': images.numpy()}
+
+            def eager():
+                with torch.no_grad():
+                    model(images)
+            seconds = measure({'eager': eager, 'onnxruntime': lambda: session.run(None, feed)},
+                              torch.device('cpu'), args.warmup, args.repeats)
+            speedup = seconds['eager'] / seconds['onnxruntime']
+            results[f'onnxruntime speedup over eager batch {batch}'] = speedup
+            print(f'batch {batch}: eager {seconds["eager"] * 1e3:.1f} ms, onnxruntime '
+                  f'{seconds["onnxruntime"] * 1e3:.1f} ms: {speedup:.2f}x')
     return results
 
 

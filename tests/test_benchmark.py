@@ -1,4 +1,5 @@
 """benchmark.py: every part runs and reports its ratios; the built-in schedule is DiffRate's."""
+import importlib.util
 import json
 import math
 import os
@@ -24,6 +25,18 @@ def test_benchmark_runs_every_part_and_reports_every_ratio(tmp_path):
     for key in expected:
         assert math.isfinite(results[key]) and results[key] > 0, (key, results.get(key))
     assert results['pade max relative error'] < 1e-3
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ('onnx', 'onnxruntime', 'onnxscript')),
+                    reason='optional packages of requirements-export.txt not installed')
+def test_onnx_part_reports_onnxruntime_against_eager(tmp_path):
+    report = tmp_path / 'bench.json'
+    subprocess.run([sys.executable, 'benchmark.py', '--parts', 'onnx', '--onnx-model', 'sdt2net_tiny_patch16_224',
+                    '--onnx-input-size', '48', '--onnx-no-optimize', '--inference-batches', '1', '3', '--repeats', '1', '--warmup', '0',
+                    '--json', str(report)], cwd=ROOT, check=True, capture_output=True)
+    results = json.loads(report.read_text())
+    for batch in (1, 3):
+        assert results[f'onnxruntime speedup over eager batch {batch}'] > 0
 
 
 @pytest.mark.skipif(not os.path.exists(REFERENCE_SCHEDULES), reason='needs ../shared/reference')
