@@ -25,7 +25,7 @@ import models  # registers the SDT2Net models with timm
 from compression_schedule import load_schedule
 from losses import flops_penalty
 from models.ftf import add_ridge, eigh_sqrtm, pade_sqrtm, weighted_covariance
-from utils import timed
+from utils import ArgumentParser, timed
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = os.path.join(ROOT, '..', 'shared', 'reference', 'diffrate_compression_rate.json')
@@ -79,7 +79,7 @@ def retain_freed_memory() -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--batch-size', type=int, default=32, help='batch of the training and root parts')
     parser.add_argument('--inference-batches', type=int, nargs='+', default=[1, 32],

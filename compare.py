@@ -14,7 +14,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from utils import UserError
+from utils import ArgumentParser, UserError
 
 
 def read_predictions(path: str) -> Tuple[List[str], np.ndarray]:
@@ -64,7 +64,7 @@ def compare_files(path_a: str, path_b: str, resamples: int = 10000) -> Dict[str,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog='compare.py', description=__doc__.splitlines()[0],
+    parser = ArgumentParser(prog='compare.py', description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('a', help='predictions.csv of evaluation A')
     parser.add_argument('b', help='predictions.csv of evaluation B (same images)')

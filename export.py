@@ -11,6 +11,7 @@ loads the weights of. `onnx` writes the evaluation model under its fixed schedul
 with --check, runs it in onnxruntime on real images against PyTorch.
 """
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ import models
 from datasets import build_transform
 from factory import MODEL_ARGUMENTS, load_trained_model, schedule_entry
 from predict import batches, collect_images
-from utils import UserError, atomic_torch_save, atomic_write
+from utils import ArgumentParser, UserError, atomic_torch_save, atomic_write
 
 ONNX_OPSET = 18
 PARITY_TOLERANCE = 1e-4  # largest |logit| difference between onnxruntime and PyTorch accepted
@@ -133,7 +134,7 @@ def release_command(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog='export.py', description=__doc__.splitlines()[0],
+    parser = ArgumentParser(prog='export.py', description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest='command', required=True)
     rel = commands.add_parser('release', help='weights-only release file', description=release.__doc__,
@@ -153,14 +154,14 @@ def main(argv=None) -> int:
                              help="skip onnxscript's graph optimiser: about 3x faster export, a larger graph")
     args = parser.parse_args(argv)
     try:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder):
+            raise UserError(f'cannot write {args.out}: the folder {folder} does not exist')
         if args.command == 'onnx':
-            try:
-                import onnx  # noqa: F401
-                import onnxruntime  # noqa: F401
-                import onnxscript  # noqa: F401
-            except ImportError as error:
+            missing = [name for name in ('onnx', 'onnxruntime', 'onnxscript') if importlib.util.find_spec(name) is None]
+            if missing:
                 raise UserError(f'ONNX export needs the optional packages of requirements-export.txt '
-                                f'({error.name} is missing): pip install -r requirements-export.txt') from None
+                                f'({", ".join(missing)} missing): pip install -r requirements-export.txt')
             return onnx_command(args)
         return release_command(args)
     except UserError as error:

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -28,13 +28,13 @@ from factory import (FIXED_SCHEDULES, SCHEDULE_VARIANTS, create_model, load_weig
                      schedule_entry)
 from engine import Precision, SearchObjective, evaluate, measure_throughput, train_one_epoch
 from losses import build_criterion
-from utils import (NonFiniteLossError, OutputFolder, ReplicasDisagreeError, UserError, append_json_line,
+from utils import (ArgumentParser, NonFiniteLossError, OutputFolder, ReplicasDisagreeError, UserError, append_json_line,
                    atomic_torch_save, atomic_write_text, check_replicas_agree, get_world_size, init_distributed, is_distributed,
                    is_main_process, load_checkpoint, rng_state, seed_everything, set_rng_state, unwrap)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='main.py', description='SDT2Net: search a compression schedule, fine-tune '
+    p = ArgumentParser(prog='main.py', description='SDT2Net: search a compression schedule, fine-tune '
                                 'under one, or evaluate.', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group('data')
     g.add_argument('--data-path', default='', type=str, help='ImageFolder root with train/ and val/ (and test/)')
@@ -241,13 +241,34 @@ def load_resumed_model(model: models.SDT2Net, state: Dict, path: str, args, clas
     mismatched = [f'{k}: checkpoint {tuple(v.shape)}, model {tuple(target[k].shape)}'
                   for k, v in weights.items() if k in target and v.shape != target[k].shape]
     if mismatched:
-        raise UserError(f'{path} was trained with other settings ({mismatched[0]}); resume with the '
-                        f'--input-size, --granularity and --eab-* flags of its args.json')
+        raise UserError(f'{path} was trained with other settings: {shape_setting_mismatch(path, state, args) or mismatched[0]}')
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise UserError(f'{path} does not fit {args.model} with these flags: '
                         f'{"missing " + ", ".join(missing[:3]) if missing else ""}'
                         f'{" unexpected " + ", ".join(unexpected[:3]) if unexpected else ""}')
+
+
+# Flags that change the shapes of the model's tensors, by their args.json key.
+SHAPE_FLAGS = {'input_size': '--input-size', 'granularity': '--granularity', 'eab_ratio': '--eab-ratio',
+               'eab_groups': '--eab-groups', 'eab_separate': '--eab-separate'}
+
+
+def shape_setting_mismatch(path: str, state: Dict, args) -> Optional[str]:
+    """'--input-size 64 but the checkpoint has 48' for the first shape-changing flag that differs from
+    the run that wrote the checkpoint (its stored arguments, or args.json beside it); None if unknown."""
+    stored = state.get('args')
+    args_json = os.path.join(os.path.dirname(os.path.abspath(path)), 'args.json')
+    if stored is None and os.path.isfile(args_json):
+        with open(args_json) as f:
+            stored = json.load(f)
+    for key, flag in SHAPE_FLAGS.items():
+        if stored is None or key not in stored or stored[key] == getattr(args, key):
+            continue
+        if isinstance(stored[key], bool):
+            return f'the checkpoint was trained {"with" if stored[key] else "without"} {flag}; resume likewise'
+        return f'{flag} {getattr(args, key)} but the checkpoint has {stored[key]}; resume with {flag} {stored[key]}'
+    return None
 
 
 def restore_training_state(state: Dict, optimizers, schedulers, precision, model_ema) -> Tuple[int, float]:

@@ -15,7 +15,7 @@ import sys
 from typing import Dict, List
 
 from datasets import IMAGE_EXTENSIONS, list_classes
-from utils import UserError
+from utils import ArgumentParser, UserError
 
 
 def scan_classes(source: str) -> Dict[str, List[str]]:
@@ -70,7 +70,7 @@ def make_splits(source: str, dest: str, train_ratio: float, seed: int, mode: str
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--source', required=True, help='dataset root with one folder per class')
     parser.add_argument('--dest', required=True, help='new folder for train/ and val/')
     parser.add_argument('--train-ratio', type=float, required=True, help='fraction of each class for training')

@@ -18,7 +18,7 @@ import torch
 
 from datasets import IMAGE_EXTENSIONS, UnreadableImageError, build_transform, load_rgb
 from factory import load_trained_model
-from utils import UserError
+from utils import ArgumentParser, UserError
 
 
 def collect_images(inputs: List[str]) -> List[str]:
@@ -59,7 +59,7 @@ def batches(paths: List[str], transform, batch_size: int) -> Iterator[Tuple[List
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog='predict.py', description=__doc__.splitlines()[0],
+    parser = ArgumentParser(prog='predict.py', description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('checkpoint', help='checkpoint.pth or model_best.pth written by main.py')
     parser.add_argument('inputs', nargs='+', help='image files, folders (recursive) or .txt lists of paths')

@@ -13,6 +13,7 @@ import os
 import statistics
 import sys
 from typing import Dict, List, Optional
+from utils import ArgumentParser
 
 COLUMNS = {  # name: (header, how to read it from a run's record)
     'top1': ('top-1 (%)', lambda r: r.get('acc1')),
@@ -71,7 +72,7 @@ def cell(values: List) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog='results.py', description=__doc__.splitlines()[0],
+    parser = ArgumentParser(prog='results.py', description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('runs', nargs='+', help='run folders or globs')
     parser.add_argument('--columns', nargs='+', default=['top1', 'kappa', 'gflops', 'params', 'tokens', 'merged'],
@@ -88,7 +89,8 @@ def main(argv=None) -> int:
         key = json.dumps({k: v for k, v in record['args'].items() if k not in IGNORED}, sort_keys=True)
         groups.setdefault(key, []).append((folder, record))
     if not groups:
-        print('error: no runs found', file=sys.stderr)
+        print(f'error: no run folders (with args.json and a log or an evaluation) in {" ".join(args.runs)}',
+              file=sys.stderr)
         return 2
     headers = ['run', 'seeds'] + [COLUMNS[c][0] for c in args.columns]
     rows = []

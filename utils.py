@@ -1,4 +1,5 @@
 """Distributed helpers, logging with ETA, atomic checkpoint I/O, RNG state and errors for users."""
+import argparse
 import datetime
 import json
 import os
@@ -14,6 +15,13 @@ import torch.distributed as dist
 
 class UserError(Exception):
     """A problem with the user's input: reported as one line, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad-argument report is one `error:` line (exit status 2), not usage + message."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f'error: {message} (--help lists the options)\n')
 
 
 class NonFiniteLossError(Exception):

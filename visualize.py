@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from factory import load_run_model  # noqa: E402
-from utils import UserError  # noqa: E402
+from utils import ArgumentParser, UserError  # noqa: E402
 
 
 def read_json(path: str) -> Dict:
@@ -214,7 +214,7 @@ def save(fig, out_dir: str, name: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('run', nargs='?', help='output folder of a run')
     parser.add_argument('--data-path', default='', help='dataset root (train/, val/) for the token-group figure')
     parser.add_argument('--compare', nargs='*', default=[], help='other evaluated runs for accuracy vs FLOPs')
