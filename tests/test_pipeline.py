@@ -355,3 +355,35 @@ def test_every_bad_image_is_listed_before_the_first_epoch(tmp_path, capsys):
     assert_clean_error(code, err, 'harbor_2.jpg', 'train/')
     code, _, err = run_main(common + ['--skip-image-check'], capsys)  # found by the loader instead
     assert_clean_error(code, err, 'harbor_2.jpg')
+
+
+LAUNCH = [sys.executable, 'launch.py', '--nproc', '2', 'main.py', '--device', 'cpu', '--model', MODEL,
+          '--target_flops', TARGET, '--epochs', '1'] + FAST + SYNTHETIC
+
+
+def test_launcher_runs_two_processes_and_reports_a_failure_in_one_line(tmp_path):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    ok = subprocess.run(LAUNCH + ['--output_dir', str(tmp_path / 'run'), '--synthetic-val-size', '7'],
+                        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert 'rate parameters identical on all 2 processes' in ok.stdout
+    assert json.loads(open(tmp_path / 'run' / 'log.txt').readline())['test_num_images'] == 7
+    bad = subprocess.run(LAUNCH + ['--data-path', str(tmp_path / 'nowhere'), '--data-set', 'folder'],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert bad.returncode == 2 and 'Traceback' not in bad.stdout + bad.stderr
+    assert bad.stderr.count('error:') == 1 and 'nowhere' in bad.stderr, bad.stderr
+
+
+def test_launcher_names_the_process_that_failed(tmp_path):
+    """Only rank 1 fails (an injected error after the process group formed); rank 0 is stopped."""
+    script = tmp_path / 'fail_on_rank1.py'
+    script.write_text(f'import os, sys\nsys.path.insert(0, {ROOT!r})\nimport torch.distributed as dist\n'
+                      'import utils\nutils.init_distributed("cpu")\n'
+                      'if dist.get_rank() == 1:\n    print("error: disk full on this node", file=sys.stderr)\n'
+                      '    sys.exit(2)\ndist.barrier()\n')
+    log_dir = tmp_path / 'logs'
+    result = subprocess.run([sys.executable, 'launch.py', '--nproc', '2', '--log-dir', str(log_dir), str(script)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert result.stderr.strip() == 'error: process 1 of 2: disk full on this node'
+    assert (log_dir / 'rank0.err').exists() and (log_dir / 'rank1.err').exists()
