@@ -25,7 +25,7 @@ import models  # registers the SDT2Net models with timm
 from compression_schedule import load_schedule
 from losses import flops_penalty
 from models.ftf import add_ridge, eigh_sqrtm, pade_sqrtm, weighted_covariance
-from utils import ArgumentParser, timed
+from utils import ArgumentParser, UserError, error_boundary, timed
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = os.path.join(ROOT, '..', 'shared', 'reference', 'diffrate_compression_rate.json')
@@ -78,7 +78,8 @@ def retain_freed_memory() -> bool:
         return False
 
 
-def main() -> None:
+@error_boundary
+def main(argv=None) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--batch-size', type=int, default=32, help='batch of the training and root parts')
@@ -98,7 +99,9 @@ def main() -> None:
     parser.add_argument('--json', default='', help='also write the results here')
     parser.add_argument('--fresh-allocator', action='store_true',
                         help="keep glibc's start-up memory thresholds (see retain_freed_memory)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise UserError(f'--device {args.device}: CUDA is not available on this machine')
     if not args.fresh_allocator and not retain_freed_memory():
         print('note: not glibc, memory thresholds left as they are')
     device = torch.device(args.device)

@@ -14,7 +14,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from utils import ArgumentParser, UserError
+from utils import ArgumentParser, UserError, error_boundary
 
 
 def read_predictions(path: str) -> Tuple[List[str], np.ndarray]:
@@ -38,17 +38,24 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def paired_comparison(correct_a: np.ndarray, correct_b: np.ndarray, resamples: int = 10000,
-                      seed: int = 0) -> Dict[str, float]:
-    """Accuracies (%), their difference A - B with a 95% paired-bootstrap interval, McNemar's p."""
-    n = len(correct_a)
-    difference = correct_a.astype(np.float64) - correct_b.astype(np.float64)  # [N] in {-1, 0, 1}
+def bootstrap_interval(difference: np.ndarray, resamples: int = 10000, seed: int = 0) -> Tuple[float, float]:
+    """95% bootstrap interval of the mean of per-image differences [N] (images resampled)."""
+    n = len(difference)
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)
     for start in range(0, resamples, 1000):  # resample images, 1000 draws at a time
         draws = rng.integers(0, n, size=(min(1000, resamples - start), n))
         means[start:start + len(draws)] = difference[draws].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def paired_comparison(correct_a: np.ndarray, correct_b: np.ndarray, resamples: int = 10000,
+                      seed: int = 0) -> Dict[str, float]:
+    """Accuracies (%), their difference A - B with a 95% paired-bootstrap interval, McNemar's p."""
+    n = len(correct_a)
+    difference = correct_a.astype(np.float64) - correct_b.astype(np.float64)  # [N] in {-1, 0, 1}
+    low, high = bootstrap_interval(difference, resamples, seed)
     only_a, only_b = int((correct_a & ~correct_b).sum()), int((~correct_a & correct_b).sum())
     return {'images': n, 'acc_a': 100 * correct_a.mean(), 'acc_b': 100 * correct_b.mean(),
             'difference': 100 * difference.mean(), 'ci_low': 100 * low, 'ci_high': 100 * high,
@@ -63,19 +70,16 @@ def compare_files(path_a: str, path_b: str, resamples: int = 10000) -> Dict[str,
     return paired_comparison(correct_a, correct_b, resamples)
 
 
+@error_boundary
 def main(argv=None) -> int:
     parser = ArgumentParser(prog='compare.py', description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('a', help='predictions.csv of evaluation A')
     parser.add_argument('b', help='predictions.csv of evaluation B (same images)')
     parser.add_argument('--resamples', type=int, default=10000, help='bootstrap resamples')
     parser.add_argument('--json', default='', help='also write the result here')
     args = parser.parse_args(argv)
-    try:
-        result = compare_files(args.a, args.b, args.resamples)
-    except UserError as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 2
+    result = compare_files(args.a, args.b, args.resamples)
     print(f'{result["images"]} images: A {result["acc_a"]:.2f}%, B {result["acc_b"]:.2f}%, A - B '
           f'{result["difference"]:+.2f} points, 95% CI [{result["ci_low"]:+.2f}, {result["ci_high"]:+.2f}] '
           f'(paired bootstrap); only A right on {result["only_a_correct"]}, only B on '

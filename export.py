@@ -24,7 +24,7 @@ import models
 from datasets import build_transform
 from factory import MODEL_ARGUMENTS, load_trained_model, schedule_entry
 from predict import batches, collect_images
-from utils import ArgumentParser, UserError, atomic_torch_save, atomic_write
+from utils import ArgumentParser, UserError, atomic_torch_save, atomic_write, error_boundary
 
 ONNX_OPSET = 18
 PARITY_TOLERANCE = 1e-4  # largest |logit| difference between onnxruntime and PyTorch accepted
@@ -133,9 +133,10 @@ def release_command(args) -> int:
     return 0
 
 
+@error_boundary
 def main(argv=None) -> int:
     parser = ArgumentParser(prog='export.py', description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest='command', required=True)
     rel = commands.add_parser('release', help='weights-only release file', description=release.__doc__,
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -153,26 +154,16 @@ def main(argv=None) -> int:
     onnx_parser.add_argument('--no-optimize', action='store_true',
                              help="skip onnxscript's graph optimiser: about 3x faster export, a larger graph")
     args = parser.parse_args(argv)
-    try:
-        folder = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(folder):
-            raise UserError(f'cannot write {args.out}: the folder {folder} does not exist')
-        if args.command == 'onnx':
-            missing = [name for name in ('onnx', 'onnxruntime', 'onnxscript') if importlib.util.find_spec(name) is None]
-            if missing:
-                raise UserError(f'ONNX export needs the optional packages of requirements-export.txt '
-                                f'({", ".join(missing)} missing): pip install -r requirements-export.txt')
-            return onnx_command(args)
-        return release_command(args)
-    except UserError as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f'error: {error.strerror or error}: {error.filename or ""}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print('error: interrupted; files already written are complete (writes are atomic)', file=sys.stderr)
-        return 130
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise UserError(f'cannot write {args.out}: the folder {folder} does not exist')
+    if args.command == 'onnx':
+        missing = [name for name in ('onnx', 'onnxruntime', 'onnxscript') if importlib.util.find_spec(name) is None]
+        if missing:
+            raise UserError(f'ONNX export needs the optional packages of requirements-export.txt '
+                            f'({", ".join(missing)} missing): pip install -r requirements-export.txt')
+        return onnx_command(args)
+    return release_command(args)
 
 
 if __name__ == '__main__':

@@ -18,7 +18,7 @@ import tempfile
 import time
 from typing import List, Optional, Tuple
 
-from utils import ArgumentParser
+from utils import ArgumentParser, error_boundary
 
 
 def free_port() -> int:
@@ -74,6 +74,7 @@ def launch(nproc: int, command: List[str], log_dir: str) -> Tuple[int, Optional[
             f.close()
 
 
+@error_boundary
 def main(argv=None) -> int:
     parser = ArgumentParser(prog='launch.py', description=__doc__.splitlines()[0])
     parser.add_argument('--nproc', type=int, required=True, help='processes to start (one per GPU)')

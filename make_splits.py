@@ -15,7 +15,7 @@ import sys
 from typing import Dict, List
 
 from datasets import IMAGE_EXTENSIONS, list_classes
-from utils import ArgumentParser, UserError
+from utils import ArgumentParser, UserError, error_boundary
 
 
 def scan_classes(source: str) -> Dict[str, List[str]]:
@@ -69,6 +69,7 @@ def make_splits(source: str, dest: str, train_ratio: float, seed: int, mode: str
     return counts
 
 
+@error_boundary
 def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--source', required=True, help='dataset root with one folder per class')
@@ -77,11 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument('--seed', type=int, default=0, help='random seed of the split')
     parser.add_argument('--mode', default='hardlink', choices=['hardlink', 'symlink', 'copy'], help='how files are placed')
     args = parser.parse_args(argv)
-    try:
-        counts = make_splits(args.source, args.dest, args.train_ratio, args.seed, args.mode)
-    except UserError as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 2
+    counts = make_splits(args.source, args.dest, args.train_ratio, args.seed, args.mode)
     train, val = sum(c['train'] for c in counts.values()), sum(c['val'] for c in counts.values())
     print(f'{len(counts)} classes: {train} training and {val} validation images in {args.dest} (split.json lists them)')
     return 0

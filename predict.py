@@ -18,7 +18,7 @@ import torch
 
 from datasets import IMAGE_EXTENSIONS, UnreadableImageError, build_transform, load_rgb
 from factory import load_trained_model
-from utils import ArgumentParser, UserError
+from utils import ArgumentParser, UserError, error_boundary
 
 
 def collect_images(inputs: List[str]) -> List[str]:
@@ -58,9 +58,10 @@ def batches(paths: List[str], transform, batch_size: int) -> Iterator[Tuple[List
         yield names, torch.stack(images)
 
 
+@error_boundary
 def main(argv=None) -> int:
     parser = ArgumentParser(prog='predict.py', description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('checkpoint', help='checkpoint.pth or model_best.pth written by main.py')
     parser.add_argument('inputs', nargs='+', help='image files, folders (recursive) or .txt lists of paths')
     parser.add_argument('--out', default='', help='write rows here: .csv or .jsonl (default: CSV on stdout)')
@@ -70,27 +71,23 @@ def main(argv=None) -> int:
     parser.add_argument('--explain', default='', metavar='DIR',
                         help='also write, per image, its token groups at four depths (as visualize.py)')
     args = parser.parse_args(argv)
-    try:
-        model, run_args = load_trained_model(args.checkpoint)
-        device = torch.device(args.device)
-        model.to(device)
-        paths = collect_images(args.inputs)
-        transform = build_transform(False, run_args)
-        topk = min(args.topk, len(model.class_names))
-        rows = []
-        for names, images in batches(paths, transform, args.batch_size):
-            with torch.no_grad():
-                probs = model(images.to(device)).float().softmax(-1).cpu()
-            values, indices = probs.topk(topk, dim=-1)
-            for name, v, i in zip(names, values.tolist(), indices.tolist()):
-                rows.append({'file': name, 'classes': [model.class_names[c] for c in i], 'probs': v})
-            if args.explain:
-                explain(model, images, names, args.explain)
-            print(f'predicted {len(rows)} of {len(paths)} images', file=sys.stderr)
-        write_rows(rows, args.out, topk)
-    except UserError as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 2
+    model, run_args = load_trained_model(args.checkpoint)
+    device = torch.device(args.device)
+    model.to(device)
+    paths = collect_images(args.inputs)
+    transform = build_transform(False, run_args)
+    topk = min(args.topk, len(model.class_names))
+    rows = []
+    for names, images in batches(paths, transform, args.batch_size):
+        with torch.no_grad():
+            probs = model(images.to(device)).float().softmax(-1).cpu()
+        values, indices = probs.topk(topk, dim=-1)
+        for name, v, i in zip(names, values.tolist(), indices.tolist()):
+            rows.append({'file': name, 'classes': [model.class_names[c] for c in i], 'probs': v})
+        if args.explain:
+            explain(model, images, names, args.explain)
+        print(f'predicted {len(rows)} of {len(paths)} images', file=sys.stderr)
+    write_rows(rows, args.out, topk)
     return 0
 
 

@@ -13,7 +13,7 @@ import os
 import statistics
 import sys
 from typing import Dict, List, Optional
-from utils import ArgumentParser
+from utils import ArgumentParser, error_boundary
 
 COLUMNS = {  # name: (header, how to read it from a run's record)
     'top1': ('top-1 (%)', lambda r: r.get('acc1')),
@@ -71,9 +71,10 @@ def cell(values: List) -> str:
     return ', '.join(sorted({str(v) for v in values if v is not None})) or '-'
 
 
+@error_boundary
 def main(argv=None) -> int:
     parser = ArgumentParser(prog='results.py', description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('runs', nargs='+', help='run folders or globs')
     parser.add_argument('--columns', nargs='+', default=['top1', 'kappa', 'gflops', 'params', 'tokens', 'merged'],
                         choices=sorted(COLUMNS), help='columns, in order')

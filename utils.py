@@ -1,12 +1,14 @@
 """Distributed helpers, logging with ETA, atomic checkpoint I/O, RNG state and errors for users."""
 import argparse
 import datetime
+import functools
 import json
 import os
 import random
+import sys
 import time
 from collections import defaultdict, deque
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Optional
 
 import numpy as np
 import torch
@@ -22,6 +24,27 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:
         self.exit(2, f'error: {message} (--help lists the options)\n')
+
+
+def error_boundary(main: Callable[..., Optional[int]]) -> Callable[..., int]:
+    """The top-level error boundary of an entry point: an expected failure ends as one `error:`
+    line and an exit status (2: bad input or a file problem, 1: out of memory, 130: interrupted)
+    instead of a traceback. Files are written atomically, so nothing already written is damaged."""
+    @functools.wraps(main)
+    def bounded(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs) or 0
+        except UserError as error:
+            message, status = str(error), 2
+        except OSError as error:
+            message, status = f'{error.filename or "file system"}: {error.strerror or error}', 2
+        except torch.OutOfMemoryError:
+            message, status = 'out of memory; use a smaller batch size', 1
+        except KeyboardInterrupt:
+            message, status = 'interrupted; files already written are complete (written atomically)', 130
+        print(f'error: {message}', file=sys.stderr)
+        return status
+    return bounded
 
 
 class NonFiniteLossError(Exception):

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from factory import load_run_model  # noqa: E402
-from utils import ArgumentParser, UserError  # noqa: E402
+from utils import ArgumentParser, UserError, error_boundary  # noqa: E402
 
 
 def read_json(path: str) -> Dict:
@@ -213,6 +213,7 @@ def save(fig, out_dir: str, name: str) -> str:
     return path
 
 
+@error_boundary
 def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('run', nargs='?', help='output folder of a run')
@@ -224,22 +225,18 @@ def main(argv=None) -> int:
     if not args.run and not args.pipeline:
         parser.error('give a run folder and/or --pipeline')
     written = []
-    try:
-        if args.pipeline:
-            written.append(plot_pipeline(args.pipeline))
-        if args.run:
-            if not os.path.isdir(args.run):
-                raise UserError(f'{args.run} is not a folder')
-            written += [plot_schedule(args.run), plot_curves(args.run)]
-            if os.path.isfile(os.path.join(args.run, 'eval', 'eval_metrics.json')):
-                written.append(plot_confusion(args.run))
-            if args.compare:
-                written.append(plot_pareto([args.run] + args.compare, args.run))
-            if args.data_path:
-                written.append(plot_token_groups(args.run, args.data_path, args.num_images))
-    except UserError as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 2
+    if args.pipeline:
+        written.append(plot_pipeline(args.pipeline))
+    if args.run:
+        if not os.path.isdir(args.run):
+            raise UserError(f'{args.run} is not a folder')
+        written += [plot_schedule(args.run), plot_curves(args.run)]
+        if os.path.isfile(os.path.join(args.run, 'eval', 'eval_metrics.json')):
+            written.append(plot_confusion(args.run))
+        if args.compare:
+            written.append(plot_pareto([args.run] + args.compare, args.run))
+        if args.data_path:
+            written.append(plot_token_groups(args.run, args.data_path, args.num_images))
     print('\n'.join(written))
     return 0
 

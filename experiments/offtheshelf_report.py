@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from compare import compare_files  # noqa: E402
 from compression_schedule import DEFAULT_FILE, save_schedule  # noqa: E402
 from models import Schedule  # noqa: E402
+from seeds import seed_runs, summarise  # noqa: E402
 
 REFERENCE = os.path.join(ROOT, '..', 'shared', 'reference', 'diffrate_compression_rate.json')
 MODEL = 'sdt2net_tiny_patch16_224'
@@ -86,31 +87,17 @@ def table(out):
 def finetune_table(out):
     """Fine-tuned runs of experiments/finetune.sh: top-1 on test/ per seed, mean +- sd, and each
     seed's paired difference to the dense backbone fine-tuned with the same seed."""
-    runs = {}
-    for path in sorted(glob.glob(os.path.join(out, 'tuned', '*_seed*', 'eval', 'eval_metrics.json'))):
-        name, seed = re.fullmatch(r'(.+)_seed(\d+)', os.path.basename(os.path.dirname(os.path.dirname(path)))).groups()
-        runs.setdefault(name, {})[int(seed)] = path
+    runs = seed_runs(os.path.join(out, 'tuned'))
     if 'dense' not in runs:
         return ''
     lines = ['| fine-tuned | GFLOPs | top-1 (%) per seed | mean +- sd | minus dense of the same seed [95% CI] |',
              '|---|---|---|---|---|']
     for name in ['dense'] + sorted((n for n in runs if n != 'dense'), key=lambda n: -float(n.split('_')[-1])):
-        seeds = sorted(runs[name])
-        metrics = [json.load(open(runs[name][s])) for s in seeds]
-        top1 = [m['acc1'] for m in metrics]
-        mean = sum(top1) / len(top1)
-        sd = math.sqrt(sum((a - mean) ** 2 for a in top1) / (len(top1) - 1)) if len(top1) > 1 else float('nan')
-        diffs = '-'
-        if name != 'dense':
-            cells = []
-            for s in seeds:
-                if s in runs['dense']:
-                    c = compare_files(runs[name][s].replace('eval_metrics.json', 'predictions.csv'),
-                                      runs['dense'][s].replace('eval_metrics.json', 'predictions.csv'), 2000)
-                    cells.append(f'{c["difference"]:+.2f} [{c["ci_low"]:+.2f}, {c["ci_high"]:+.2f}]')
-            diffs = '; '.join(cells)
-        lines.append(f'| {name} | {metrics[0]["gflops"]:.4f} | {" / ".join(f"{a:.2f}" for a in top1)} '
-                     f'(seeds {", ".join(map(str, seeds))}) | {mean:.2f} +- {sd:.2f} | {diffs} |')
+        row = summarise(runs, name, 'dense')
+        diffs = '; '.join(f'{c["difference"]:+.2f} [{c["ci_low"]:+.2f}, {c["ci_high"]:+.2f}]'
+                          for c in row['per_seed']) or '-'
+        lines.append(f'| {name} | {row["metrics"]["gflops"]:.4f} | {" / ".join(f"{a:.2f}" for a in row["top1"])} '
+                     f'(seeds {", ".join(map(str, row["seeds"]))}) | {row["mean"]:.2f} +- {row["sd"]:.2f} | {diffs} |')
     return '\n'.join(lines)
 
 

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+import benchmark
 import compare
 import export
 import main as entry
@@ -124,6 +125,9 @@ TOOL_CASES = [
     ('export: release into a missing folder', export.main, ['release', '{out}/model_best.pth', '{root}/no/r.pth'],
      ['r.pth', 'does not exist']),
     ('export: unknown command', export.main, ['zip', '{out}/model_best.pth'], ['zip']),
+    ('predict: output into a missing folder', predict.main, ['{out}/model_best.pth', '{data}/val', '--out',
+                                                             '{root}/no/such/p.csv'], ['no/such/p.csv']),
+    ('benchmark: CUDA without a GPU', benchmark.main, ['--device', 'cuda', '--parts', 'sqrt'], ['CUDA']),
     ('compare: not predictions', compare.main, ['{out}/args.json', '{out}/args.json'], ['predictions']),
     ('results: no runs', results.main, ['{root}/nowhere/*'], ['nowhere']),
     ('visualize: missing run', visualize.main, ['{root}/nowhere'], ['nowhere']),
