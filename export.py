@@ -27,7 +27,8 @@ from predict import batches, collect_images
 from utils import ArgumentParser, UserError, atomic_torch_save, atomic_write, error_boundary
 
 ONNX_OPSET = 18
-PARITY_TOLERANCE = 1e-4  # largest |logit| difference between onnxruntime and PyTorch accepted
+PARITY_TOLERANCE = 1e-4  # largest |logit| difference between onnxruntime and PyTorch per image
+OUTLIER_SHARE = 0.01  # share of images allowed beyond it (near-ties of the token selection)
 
 
 def release(checkpoint_path: str, out_path: str) -> Dict:
@@ -76,24 +77,25 @@ def onnx_session_options():
 
 
 def compare_with_onnxruntime(model: models.SDT2Net, onnx_path: str, images: List[torch.Tensor]) -> Dict[str, float]:
-    """Run both on the same batches: the largest logit difference against PyTorch running the
-    graph's own operations (models.tracing) and against the eager model, and top-1 agreement."""
+    """Run both on the same batches: per image, the largest logit difference against PyTorch
+    running the graph's own operations (models.tracing) and against the eager model; top-1 agreement."""
     import onnxruntime
     session = onnxruntime.InferenceSession(onnx_path, onnx_session_options(), providers=['CPUExecutionProvider'])
-    traced_diff = eager_diff = 0.0
-    agree = total = 0
+    traced_diff, eager_diff, agree = [], [], []
     for batch in images:
         runtime = torch.from_numpy(session.run(None, {'images': batch.numpy()})[0])
         with torch.no_grad():
             eager = model(batch)
             with models.export_numerics():
                 traced = model(batch)
-        traced_diff = max(traced_diff, (runtime - traced).abs().max().item())
-        eager_diff = max(eager_diff, (runtime - eager).abs().max().item())
-        agree += int((runtime.argmax(-1) == eager.argmax(-1)).sum())
-        total += len(batch)
-    return {'images': total, 'max_abs_diff_traced': traced_diff, 'max_abs_diff_eager': eager_diff,
-            'top1_agreement': agree / total}
+        traced_diff += (runtime - traced).abs().amax(dim=-1).tolist()
+        eager_diff += (runtime - eager).abs().amax(dim=-1).tolist()
+        agree += (runtime.argmax(-1) == eager.argmax(-1)).tolist()
+    traced = torch.tensor(traced_diff)
+    return {'images': len(agree), 'max_abs_diff_traced': traced.max().item(),
+            'median_abs_diff_traced': traced.median().item(),
+            'images_over_tolerance': int((traced > PARITY_TOLERANCE).sum()),
+            'max_abs_diff_eager': max(eager_diff), 'top1_agreement': sum(agree) / len(agree)}
 
 
 def onnx_command(args) -> int:
@@ -119,9 +121,14 @@ def onnx_command(args) -> int:
     images = [batch for _, batch in batches(paths, transform, args.batch_size)]
     result = compare_with_onnxruntime(model, args.out, images)
     print(json.dumps(result))
-    if result['max_abs_diff_traced'] > PARITY_TOLERANCE:
-        raise UserError(f'onnxruntime differs from PyTorch by {result["max_abs_diff_traced"]:.2e} in the logits '
-                        f'(tolerance {PARITY_TOLERANCE:g}); the file is written but should not be trusted')
+    # NOTE the hard token selection makes the logits discontinuous where two tokens' importances
+    # nearly tie: rounding differences of 1e-6 between runtimes can keep another token there, as
+    # 1e-6 of input noise does in eager mode (3 of 4500 NWPU test images, docs/benchmark.md).
+    # A systematic mismatch shows on most images; a few such images are expected.
+    if result['images_over_tolerance'] > OUTLIER_SHARE * result['images'] or result['top1_agreement'] < 0.99:
+        raise UserError(f'onnxruntime differs from PyTorch by more than {PARITY_TOLERANCE:g} in the logits on '
+                        f'{result["images_over_tolerance"]} of {result["images"]} images (top-1 agreement '
+                        f'{result["top1_agreement"]:.3f}); the file is written but should not be trusted')
     return 0
 
 
