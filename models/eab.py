@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .token_ops import TokenState
+from .tracing import tracing
 
 
 def shift_channel_groups(grid: torch.Tensor, groups: int, shift: int) -> torch.Tensor:
@@ -26,6 +27,18 @@ def shift_channel_groups(grid: torch.Tensor, groups: int, shift: int) -> torch.T
     B, H, W, C = grid.shape
     x = grid.view(B, H, W, groups, C // groups)
     g, s = C // groups // 5, shift
+    if tracing():
+        # NOTE the same shifts without writes into slices, which an exported graph turns into
+        # scatters behind full-size transposes (half of onnxruntime's time at batch 32).
+        def moved(channels: slice, dim: int, forward: bool) -> torch.Tensor:
+            part = x[..., channels]
+            kept = part.narrow(dim, s, part.shape[dim] - s) if forward else part.narrow(dim, 0, part.shape[dim] - s)
+            zeros = part.new_zeros(part.shape[:dim] + (s,) + part.shape[dim + 1:])
+            return torch.cat([kept, zeros] if forward else [zeros, kept], dim=dim)
+        out = torch.cat([moved(slice(0, g), 2, True), moved(slice(g, 2 * g), 2, False),
+                         moved(slice(2 * g, 3 * g), 1, True), moved(slice(3 * g, 4 * g), 1, False),
+                         x[..., 4 * g:]], dim=-1)
+        return out.reshape(B, H, W, C)
     out = torch.zeros_like(x)
     out[:, :, :-s, :, 0 * g:1 * g] = x[:, :, s:, :, 0 * g:1 * g]   # left
     out[:, :, s:, :, 1 * g:2 * g] = x[:, :, :-s, :, 1 * g:2 * g]   # right
@@ -71,16 +84,17 @@ class PatchGrid:
             return shift_channel_groups(tokens.reshape(B, H, W, C), groups, self.shift_by).reshape(B, N, C)
         g = C // groups // 5  # channels per slice; the rest of each group stays in place
         padded = torch.cat([tokens, tokens.new_zeros(B, 1, C)], dim=1).view(B, N + 1, groups, C // groups)
-        summed = tokens.new_zeros(B, N + 1, groups, C // groups)
-        owner = self.owner[:, :, None, None]
         # one gather paints and shifts: out[b, p, j, k, c] = tokens[b, source[b, p, k], j, k * g + c]
         moved = padded[..., :5 * g].unflatten(-1, (5, g))  # a view
-        shifted = moved.gather(1, self.source[:, :, None].expand(B, H * W, groups, 5, g))
-        summed[..., :5 * g].scatter_add_(1, owner.expand(-1, -1, groups, 5 * g), shifted.flatten(-2))
+        painted = moved.gather(1, self.source[:, :, None].expand(B, H * W, groups, 5, g)).flatten(-2)
         if C // groups > 5 * g:  # channels left over by the five-way split stay in place
             rest = padded[..., 5 * g:]
             index = self.source[:, :, None, 4].expand(B, H * W, groups, rest.shape[-1])  # identity source
-            summed[..., 5 * g:].scatter_add_(1, owner.expand(-1, -1, groups, rest.shape[-1]), rest.gather(1, index))
+            painted = torch.cat([painted, rest.gather(1, index)], dim=-1)  # [B, P, groups, C / groups]
+        # NOTE one scatter into a new tensor rather than into channel slices: exported graphs turn
+        # writes into slices into scatters behind full-size transposes
+        summed = tokens.new_zeros(B, N + 1, groups, C // groups).scatter_add_(
+            1, self.owner[:, :, None, None].expand(-1, -1, groups, C // groups), painted)
         return (summed.view(B, N + 1, C) / self.count.to(summed.dtype))[:, :N]
 
 
@@ -115,7 +129,10 @@ class ShiftConvModule(nn.Module):
     def _pointwise(conv: nn.Conv1d, tokens: torch.Tensor) -> torch.Tensor:
         """A 1x1 conv applied to every token, [B, N, C_in] -> [B, N, C_out].
         NOTE conv1d, not F.linear: on the CPU its oneDNN kernel ran the compressed DeiT-S 7% faster
-        at batch 32 (and 6% slower at batch 1; docs/benchmark.md)."""
+        at batch 32 (and 6% slower at batch 1; docs/benchmark.md). Exported graphs take the matrix
+        product: ONNX's Conv needs [B, C, N], and onnxruntime copies every transpose."""
+        if tracing() and conv.groups == 1:
+            return F.linear(tokens, conv.weight.squeeze(-1), conv.bias)
         return conv(tokens.transpose(1, 2)).transpose(1, 2)
 
     def forward(self, tokens: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
