@@ -83,7 +83,7 @@ def plot(folder: str, path: str) -> None:
         if name not in runs:
             continue
         row = summarise(runs, name, 'deit')
-        labels.append(label)
+        labels.append(f'{label}\n{row["metrics"]["gflops"]:.3f} GFLOPs')
         x = len(labels) - 1
         ax.scatter([x] * len(row['top1']), row['top1'], color='0.6', s=12, zorder=2)
         ax.errorbar([x], [row['mean']], yerr=[row['sd']], marker='o', capsize=4, color=f'C{index}', zorder=3)
