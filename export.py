@@ -24,7 +24,7 @@ import models
 from datasets import build_transform
 from factory import MODEL_ARGUMENTS, load_trained_model, schedule_entry
 from predict import batches, collect_images
-from utils import ArgumentParser, UserError, atomic_torch_save, atomic_write, error_boundary
+from utils import ArgumentParser, UserError, atomic_torch_save, atomic_write, error_boundary, load_checkpoint
 
 ONNX_OPSET = 18
 PARITY_TOLERANCE = 1e-4  # largest |logit| difference between onnxruntime and PyTorch per image
@@ -34,7 +34,7 @@ OUTLIER_SHARE = 0.01  # share of images allowed beyond it (near-ties of the toke
 def release(checkpoint_path: str, out_path: str) -> Dict:
     """Write the weights-only release file of a checkpoint; returns what it holds."""
     model, args = load_trained_model(checkpoint_path)
-    source = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
+    source = load_checkpoint(checkpoint_path)  # for its metrics and provenance
     content = {
         'model': model.state_dict(),
         'schedule': schedule_entry(model),
@@ -58,10 +58,13 @@ def export_onnx(model: models.SDT2Net, path: str, input_size: int, metadata: Opt
     example = torch.zeros(2, 3, input_size, input_size)
     batch = torch.export.Dim('batch', min=1, max=4096)
     try:
-        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=ONNX_OPSET, verbose=False, optimize=optimize,
-                                    input_names=['images'], output_names=['logits'], dynamic_shapes={'x': {0: batch}})
-    except Exception as error:  # the exporter raises its own error types, naming the operation
-        raise UserError(f'ONNX export failed: {str(error).strip().splitlines()[0]}') from None
+        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=ONNX_OPSET, verbose=False,
+                                    optimize=optimize, input_names=['images'], output_names=['logits'],
+                                    dynamic_shapes={'x': {0: batch}})
+    except Exception as error:  # the exporter's own error types; their summary names the operation
+        lines = str(error).strip().splitlines()
+        cause = next((line for line in lines if line.startswith('<class')), lines[0] if lines else repr(error))
+        raise UserError(f'ONNX export failed: {cause}') from None
     graph = program.model_proto
     for key, value in (metadata or {}).items():
         graph.metadata_props.add(key=key, value=value)

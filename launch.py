@@ -10,6 +10,7 @@ launcher prints the `error:` line of the first one that failed (its traceback, i
 .err file) and exits with its status. torchrun's own launcher works too, but adds its report
 and a traceback to every failure; use it for several machines.
 """
+import argparse
 import os
 import socket
 import subprocess
@@ -80,9 +81,11 @@ def main(argv=None) -> int:
     parser.add_argument('--nproc', type=int, required=True, help='processes to start (one per GPU)')
     parser.add_argument('--log-dir', default='', help='where every process writes its output (default: a new '
                                                       'temporary folder, named on failure)')
-    parser.add_argument('command', nargs='+', help='main.py and its arguments')
-    args, extra = parser.parse_known_args(argv)
-    command = args.command + extra
+    parser.add_argument('command', nargs=argparse.REMAINDER, help='main.py and its arguments, passed on as they are')
+    args = parser.parse_args(argv)
+    command = args.command
+    if not command:
+        parser.error('give the script to run and its arguments, e.g. main.py --data-path DATA ...')
     if args.nproc < 1:
         parser.error(f'--nproc must be at least 1, got {args.nproc}')
     if not os.path.isfile(command[0]):
