@@ -84,17 +84,24 @@ class PatchGrid:
             return shift_channel_groups(tokens.reshape(B, H, W, C), groups, self.shift_by).reshape(B, N, C)
         g = C // groups // 5  # channels per slice; the rest of each group stays in place
         padded = torch.cat([tokens, tokens.new_zeros(B, 1, C)], dim=1).view(B, N + 1, groups, C // groups)
+        owner = self.owner[:, :, None, None]
         # one gather paints and shifts: out[b, p, j, k, c] = tokens[b, source[b, p, k], j, k * g + c]
         moved = padded[..., :5 * g].unflatten(-1, (5, g))  # a view
-        painted = moved.gather(1, self.source[:, :, None].expand(B, H * W, groups, 5, g)).flatten(-2)
-        if C // groups > 5 * g:  # channels left over by the five-way split stay in place
-            rest = padded[..., 5 * g:]
-            index = self.source[:, :, None, 4].expand(B, H * W, groups, rest.shape[-1])  # identity source
-            painted = torch.cat([painted, rest.gather(1, index)], dim=-1)  # [B, P, groups, C / groups]
-        # NOTE one scatter into a new tensor rather than into channel slices: exported graphs turn
-        # writes into slices into scatters behind full-size transposes
-        summed = tokens.new_zeros(B, N + 1, groups, C // groups).scatter_add_(
-            1, self.owner[:, :, None, None].expand(-1, -1, groups, C // groups), painted)
+        shifted = moved.gather(1, self.source[:, :, None].expand(B, H * W, groups, 5, g)).flatten(-2)
+        rest = padded[..., 5 * g:]  # channels left over by the five-way split stay in place
+        rest_index = self.source[:, :, None, 4].expand(B, H * W, groups, rest.shape[-1])  # identity source
+        if tracing():
+            # NOTE one scatter into a new tensor: exported graphs turn writes into channel slices
+            # into scatters behind full-size transposes (in eager mode the slices are 8% faster)
+            painted = torch.cat([shifted, rest.gather(1, rest_index)], dim=-1)  # [B, P, groups, C / groups]
+            summed = tokens.new_zeros(B, N + 1, groups, C // groups).scatter_add_(
+                1, owner.expand(-1, -1, groups, C // groups), painted)
+        else:
+            summed = tokens.new_zeros(B, N + 1, groups, C // groups)
+            summed[..., :5 * g].scatter_add_(1, owner.expand(-1, -1, groups, 5 * g), shifted)
+            if rest.shape[-1]:
+                summed[..., 5 * g:].scatter_add_(1, owner.expand(-1, -1, groups, rest.shape[-1]),
+                                                 rest.gather(1, rest_index))
         return (summed.view(B, N + 1, C) / self.count.to(summed.dtype))[:, :N]
 
 
