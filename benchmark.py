@@ -188,7 +188,7 @@ def benchmark_onnx(args) -> Dict[str, float]:
     and FTF under the same-fraction merge schedule at 60% of its dense FLOPs, exported as
     export.py does, at every batch size of --inference-batches."""
     import onnxruntime
-    from export import export_onnx, onnx_session_options
+    from export import export_onnx, onnx_runner
     model = timm.create_model(args.onnx_model, img_size=args.onnx_input_size, num_classes=1000).eval()
     shape = model.shape()
     dense = models.Schedule.dense(shape.depth, shape.num_patches).flops(shape) / 1e9
@@ -197,9 +197,7 @@ def benchmark_onnx(args) -> Dict[str, float]:
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, 'model.onnx')
         export_onnx(model, path, args.onnx_input_size, optimize=not args.onnx_no_optimize)
-        options = onnx_session_options()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+        runner = onnx_runner(path, threads=torch.get_num_threads())
         print(f'\nonnxruntime {onnxruntime.__version__} against PyTorch eager, {args.onnx_model} (EAB+FTF) at '
               f'{args.onnx_input_size} px, {float(model.flops()) / 1e9:.3f} GFLOPs, CPU, '
               f'{torch.get_num_threads()} threads, graph {"not " if args.onnx_no_optimize else ""}optimised')
@@ -210,7 +208,7 @@ def benchmark_onnx(args) -> Dict[str, float]:
             def eager():
                 with torch.no_grad():
                     model(images)
-            seconds = measure({'eager': eager, 'onnxruntime': lambda: session.run(None, feed)},
+            seconds = measure({'eager': eager, 'onnxruntime': lambda: runner.run(None, feed)},
                               torch.device('cpu'), args.warmup, args.repeats)
             speedup = seconds['eager'] / seconds['onnxruntime']
             results[f'onnxruntime speedup over eager batch {batch}'] = speedup

@@ -71,22 +71,23 @@ def export_onnx(model: models.SDT2Net, path: str, input_size: int, metadata: Opt
     atomic_write(lambda tmp: onnx.save_model(graph, tmp), path)
 
 
-def onnx_session_options():
-    """onnxruntime's session options without its warnings (it notes every node it cannot fold)."""
+def onnx_runner(path: str, threads: int = 0):
+    """onnxruntime's CPU runner of an ONNX file, quiet (it would note every node it cannot fold);
+    threads: intra-op threads, 0 = onnxruntime's default."""
     import onnxruntime
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    return options
+    options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
 
 
 def compare_with_onnxruntime(model: models.SDT2Net, onnx_path: str, images: List[torch.Tensor]) -> Dict[str, float]:
     """Run both on the same batches: per image, the largest logit difference against PyTorch
     running the graph's own operations (models.tracing) and against the eager model; top-1 agreement."""
-    import onnxruntime
-    session = onnxruntime.InferenceSession(onnx_path, onnx_session_options(), providers=['CPUExecutionProvider'])
+    runner = onnx_runner(onnx_path)
     traced_diff, eager_diff, agree = [], [], []
     for batch in images:
-        runtime = torch.from_numpy(session.run(None, {'images': batch.numpy()})[0])
+        runtime = torch.from_numpy(runner.run(None, {'images': batch.numpy()})[0])
         with torch.no_grad():
             eager = model(batch)
             with models.export_numerics():

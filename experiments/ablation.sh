@@ -8,10 +8,7 @@
 # Usage: [SLOTS=2] [EPOCHS=5] [BUDGET=0.185] experiments/ablation.sh [DATA] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=$(realpath "${1:-../shared/datasets/nwpu-resisc45}")
-OUT=$(realpath "${2:-output/offtheshelf}")
-PY=${PY:-$PWD/.venv/bin/python}
-source experiments/recipes.sh
+source experiments/recipes.sh "$@"
 BUDGET=${BUDGET:-0.185}
 ROWS=(deit eab ftf both)
 if [[ ! -f "$OUT/backbone/done" ]]; then

@@ -6,10 +6,7 @@
 # Usage: [SLOTS=2] [EPOCHS=5] [BUDGETS="0.185 0.145"] experiments/finetune.sh [DATA] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=$(realpath "${1:-../shared/datasets/nwpu-resisc45}")
-OUT=$(realpath "${2:-output/offtheshelf}")
-PY=${PY:-$PWD/.venv/bin/python}
-source experiments/recipes.sh
+source experiments/recipes.sh "$@"
 read -r -a BUDGETS <<< "${BUDGETS:-0.185 0.145}"
 mkdir -p "$OUT/tuned"
 

@@ -11,11 +11,8 @@
 # Usage: [SLOTS=2] [BEFORE=1] [DENSE_START=1] [LONG="0.115"] [BUDGETS="0.23 0.185"] experiments/offtheshelf.sh [DATA] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=$(realpath "${1:-../shared/datasets/nwpu-resisc45}")
-mkdir -p "${2:-output/offtheshelf}/eval"
-OUT=$(realpath "${2:-output/offtheshelf}")
-PY=${PY:-$PWD/.venv/bin/python}
-source experiments/recipes.sh
+source experiments/recipes.sh "$@"
+mkdir -p "$OUT/eval"
 # GFLOPs budgets: about 80, 65, 50 and 40% of the dense 0.285
 read -r -a BUDGETS <<< "${BUDGETS:-0.23 0.185 0.145 0.115}"
 MODEL=("${BASE[@]}" --no-eab --no-ftf --seed 0)

@@ -1,5 +1,10 @@
-# Shared by the experiment scripts (sourced): the model, the search and fine-tuning recipes, and a
-# pool of workers over restartable jobs. Expects DATA, OUT and PY to be set.
+# Shared by the experiment scripts, sourced with their arguments (`source experiments/recipes.sh
+# "$@"` from the repository root): DATA ($1) and OUT ($2, created) as absolute paths, PY, the model,
+# the search and fine-tuning recipes, and a pool of workers over restartable jobs.
+DATA=$(realpath "${1:-../shared/datasets/nwpu-resisc45}")
+mkdir -p "${2:-output/offtheshelf}"
+OUT=$(realpath "${2:-output/offtheshelf}")
+PY=${PY:-$PWD/.venv/bin/python}
 export OMP_NUM_THREADS=1  # two jobs share the 2 cores; default threads oversubscribe them
 # DeiT-Tiny at 112 px; `variant` adds the EAB / FTF switches
 BASE=(--data-path "$DATA" --model sdt2net_tiny_patch16_224 --input-size 112 --batch-size 64 --num_workers 1

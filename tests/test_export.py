@@ -83,7 +83,6 @@ def test_export_numerics_agree_with_the_eager_operations():
 @pytest.mark.skipif(not HAVE_ONNX, reason='optional packages of requirements-export.txt not installed')
 def test_onnx_export_runs_in_onnxruntime_with_pytorchs_logits(trained, tmp_path, capsys):
     import onnx
-    import onnxruntime
     data, out = trained
     path = tmp_path / 'model.onnx'
     assert export.main(['onnx', str(out / 'model_best.pth'), str(path), '--check', str(data / 'val'),
@@ -95,17 +94,16 @@ def test_onnx_export_runs_in_onnxruntime_with_pytorchs_logits(trained, tmp_path,
     model, _ = load_trained_model(str(out / 'model_best.pth'))
     assert json.loads(meta['class_names']) == model.class_names and meta['input_size'] == '48'
     # another batch size than the one traced: the batch dimension is dynamic
-    session = onnxruntime.InferenceSession(str(path), export.onnx_session_options(), providers=['CPUExecutionProvider'])
+    runner = export.onnx_runner(str(path))
     x = torch.randn(5, 3, 48, 48)
     with torch.no_grad(), models.export_numerics():
         expected = model(x)
-    got = torch.from_numpy(session.run(None, {'images': x.numpy()})[0])
+    got = torch.from_numpy(runner.run(None, {'images': x.numpy()})[0])
     assert (got - expected).abs().max() < export.PARITY_TOLERANCE
 
 
 @pytest.mark.skipif(not HAVE_ONNX, reason='optional packages of requirements-export.txt not installed')
 def test_exported_token_order_breaks_ties_as_the_stable_sort(tmp_path):
-    import onnxruntime
     from models.token_ops import sort_by_importance
 
     class Order(torch.nn.Module):
@@ -113,6 +111,6 @@ def test_exported_token_order_breaks_ties_as_the_stable_sort(tmp_path):
             return sort_by_importance(importance, importance.shape[1] + 1)
     importance = torch.tensor([[0.2, 0.5, 0.2, 0.1, 0.5, 0.5, 0.2]])
     torch.onnx.export(Order().eval(), (importance,), str(tmp_path / 'order.onnx'), dynamo=True, verbose=False)
-    session = onnxruntime.InferenceSession(str(tmp_path / 'order.onnx'), providers=['CPUExecutionProvider'])
-    got = session.run(None, {session.get_inputs()[0].name: importance.numpy()})[0]
+    runner = export.onnx_runner(str(tmp_path / 'order.onnx'))
+    got = runner.run(None, {runner.get_inputs()[0].name: importance.numpy()})[0]
     assert got.tolist() == sort_by_importance(importance, 8).tolist() == [[0, 2, 5, 6, 1, 3, 7, 4]]

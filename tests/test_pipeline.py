@@ -2,7 +2,6 @@
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import torch
 from PIL import Image
 
 import main as entry
+from launch import free_port
 import utils
 import visualize
 from compression_schedule import load_schedule
@@ -33,13 +33,6 @@ def make_image_folder(root, classes=('forest', 'harbor', 'river'), train=4, val=
                 color = tuple(int(c) for c in torch.randint(0, 255, (3,)))
                 Image.new('RGB', (size, size), color).save(root / split / name / f'{name}_{i}.jpg')
     return root
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (the OS picks it), for a process group's rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def run_main(argv, capsys):
