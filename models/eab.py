@@ -5,8 +5,9 @@ The shift-conv module (SCM) follows ELAN's local feature extraction: shift chann
 ReLU, shift, 1x1 conv back, residual. The 1x1 convs are per-token operations and run on the N
 tokens that are present (cost 2 * exp_ratio * N * C^2 per SCM); only the shifts use each image's
 2-D patch grid: every token is painted onto the patches it owns (pruned patches are zero), the
-channel groups move, and every token reads back the mean over its patches. While no token has
-been pruned or merged the grid is the token sequence itself and nothing is painted.
+channel groups move, and every token reads back the mean over its patches. That procedure is a
+weighted sum of token rows, built once per block (GridShift). While no token has been pruned or
+merged the grid is the token sequence itself and it is shifted directly.
 """
 from typing import Optional, Tuple
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .token_ops import TokenState
-from .tracing import tracing
+from .tracing import exporting, tracing
 
 
 def shift_channel_groups(grid: torch.Tensor, groups: int, shift: int) -> torch.Tensor:
@@ -48,61 +49,83 @@ def shift_channel_groups(grid: torch.Tensor, groups: int, shift: int) -> torch.T
     return out.view(B, H, W, C)
 
 
-class PatchGrid:
-    """Moves token features to each image's patch grid, shifts them, and back (B batch, N tokens,
-    P patches).
+class GridShift:
+    """The SCM's shifts for one block's tokens (B images, N patch tokens, P patches), on each
+    image's patch grid.
 
-    owner: [B, P] index of the token (among the N patch tokens) that owns each patch, N for a
-    pruned patch; None for the identity layout (token p is patch p), where nothing is painted.
+    Every token is painted onto the patches it owns (pruned patches are zero), the channel slices
+    move by `shift` patches, and every token reads back the mean over its patches. For each of the
+    four moving slices that is a weighted sum of token rows: token n receives, for each patch p it
+    owns, the row of the token that owns the patch `shift` away (none past the edge or where that
+    patch is pruned), weighted 1 / (patches of n). These lists are built once per block from the
+    [B, P] owners and summed with `embedding_bag` (one bag per token), so a shift reads about 4/5 *
+    P * C values and does no N x N work; the identity slice is the token itself. Exported graphs
+    (ONNX has no embedding_bag) apply the same weights as [B, 4, N, N] matrices instead. owner
+    None: the identity layout (token p is patch p), shifted on the grid directly.
     """
 
     def __init__(self, grid_size: Tuple[int, int], owner: Optional[torch.Tensor], num_tokens: int,
-                 shift: int) -> None:
-        self.grid_size, self.owner, self.shift_by = grid_size, owner, shift
+                 shift: int, groups: int = 1, dtype: torch.dtype = torch.float32) -> None:
+        self.grid_size, self.shift_by, self.groups = grid_size, shift, groups
+        self.bags: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self.operator: Optional[torch.Tensor] = None  # [B, 4, N, N], exported graphs only
         if owner is None:
             return
         B, P = owner.shape
         H, W = grid_size
-        # source[b, p, k]: the token whose feature patch p receives in channel slice k after the
-        # shift (k: left, right, up, down, identity); N (a zero row) past the grid's edge or for a
-        # pruned patch. Built once per block from the [B, P] owners, shared by q, k and both shifts.
-        padded = F.pad(owner.view(B, 1, H, W).float(), (shift, shift, shift, shift), value=num_tokens)
-        s = shift
-        crops = (padded[..., s:-s, 2 * s:], padded[..., s:-s, :-2 * s],   # from the right / left
-                 padded[..., 2 * s:, s:-s], padded[..., :-2 * s, s:-s],   # from below / above
-                 padded[..., s:-s, s:-s])
-        self.source = torch.cat(crops, dim=1).long().view(B, 5, P).transpose(1, 2)[..., None]  # [B, P, 5, 1]
-        ones = torch.ones(B, P, 1, dtype=torch.float32, device=owner.device)
-        count = ones.new_zeros(B, num_tokens + 1, 1).scatter_add_(1, owner[..., None], ones)
-        self.count = count.clamp_(min=1)  # [B, N + 1, 1] patches per token (the last row: pruned)
+        N, s = num_tokens, shift
+        # source[b, k, p]: the token whose slice k patch p receives (k: from the right, left, below,
+        # above); N past the grid's edge or for a pruned patch
+        padded = F.pad(owner.view(B, 1, H, W).float(), (s, s, s, s), value=N)
+        crops = (padded[..., s:-s, 2 * s:], padded[..., s:-s, :-2 * s],
+                 padded[..., 2 * s:, s:-s], padded[..., :-2 * s, s:-s])
+        source = torch.cat(crops, dim=1).long().view(B, 4, P)
+        # each token's patches together, in token order, pruned patches (owner N) last: [B, P]
+        owner, order = owner.sort(dim=1)
+        source = source.gather(2, order[:, None].expand(-1, 4, -1))
+        patches = torch.zeros(B, N + 1, dtype=dtype, device=owner.device).scatter_add_(
+            1, owner, torch.ones(B, P, dtype=dtype, device=owner.device))  # [B, N + 1] patches per token
+        # 1 / patches of its token, 0 for a pruned patch or a source outside the tokens: [B, 4, P]
+        weight = ((owner < N).to(dtype) / patches.gather(1, owner))[:, None] * (source < N).to(dtype)
+        source = source.clamp(max=N - 1)  # zero weight where clamped
+        if exporting():
+            index = owner.clamp(max=N - 1)[:, None] * N + source
+            self.operator = torch.zeros(B, 4, N * N, dtype=dtype, device=owner.device).scatter_add_(
+                2, index, weight).view(B, 4, N, N)
+            return
+        first = torch.arange(B, device=owner.device)[:, None]
+        counts = patches[:, :N].long()
+        offsets = (first * P + counts.cumsum(1) - counts).flatten()  # [B * N] first patch of each token
+        rows = (first[..., None] * N + source).transpose(0, 1).reshape(4, B * P)  # token rows per slice
+        # one bag per (group, slice, image, token), in that order, over the rows of the moving
+        # slices laid out as [groups, 4, B, N]; pruned patches close the last bag of their image
+        # with zero weight
+        lane = torch.arange(4 * groups, device=owner.device).view(groups, 4, 1)
+        self.bags = ((rows + lane * (B * N)).flatten(), (offsets + lane * (B * P)).flatten(),
+                     weight.transpose(0, 1).reshape(4, B * P).repeat(groups, 1).flatten())
 
-    def shift(self, tokens: torch.Tensor, groups: int) -> torch.Tensor:
-        """tokens: [B, N, C] -> [B, N, C], each the mean of its patches after the grid shift."""
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [B, N, C] -> [B, N, C], the channels in `groups` groups of five slices each."""
         B, N, C = tokens.shape
-        H, W = self.grid_size
-        if self.owner is None:
+        groups = self.groups
+        width = C // groups
+        g = width // 5  # channels per slice; the rest of each group stays in place
+        if self.operator is not None:
+            x = tokens.view(B, N, groups, width)
+            # the four moving slices side by side: [B, 4, N, groups * g]
+            moving = x[..., :4 * g].unflatten(-1, (4, g)).permute(0, 3, 1, 2, 4).reshape(B, 4, N, groups * g)
+            moved = (self.operator.to(tokens.dtype) @ moving).view(B, 4, N, groups, g)
+            moved = moved.permute(0, 2, 3, 1, 4).flatten(-2)  # [B, N, groups, 4 * g]
+            return torch.cat([moved, x[..., 4 * g:]], dim=-1).view(B, N, C)
+        if self.bags is None:
+            H, W = self.grid_size
             return shift_channel_groups(tokens.reshape(B, H, W, C), groups, self.shift_by).reshape(B, N, C)
-        g = C // groups // 5  # channels per slice; the rest of each group stays in place
-        padded = torch.cat([tokens, tokens.new_zeros(B, 1, C)], dim=1).view(B, N + 1, groups, C // groups)
-        owner = self.owner[:, :, None, None]
-        # one gather paints and shifts: out[b, p, j, k, c] = tokens[b, source[b, p, k], j, k * g + c]
-        moved = padded[..., :5 * g].unflatten(-1, (5, g))  # a view
-        shifted = moved.gather(1, self.source[:, :, None].expand(B, H * W, groups, 5, g)).flatten(-2)
-        rest = padded[..., 5 * g:]  # channels left over by the five-way split stay in place
-        rest_index = self.source[:, :, None, 4].expand(B, H * W, groups, rest.shape[-1])  # identity source
-        if tracing():
-            # NOTE one scatter into a new tensor: exported graphs turn writes into channel slices
-            # into scatters behind full-size transposes (in eager mode the slices are 8% faster)
-            painted = torch.cat([shifted, rest.gather(1, rest_index)], dim=-1)  # [B, P, groups, C / groups]
-            summed = tokens.new_zeros(B, N + 1, groups, C // groups).scatter_add_(
-                1, owner.expand(-1, -1, groups, C // groups), painted)
-        else:
-            summed = tokens.new_zeros(B, N + 1, groups, C // groups)
-            summed[..., :5 * g].scatter_add_(1, owner.expand(-1, -1, groups, 5 * g), shifted)
-            if rest.shape[-1]:
-                summed[..., 5 * g:].scatter_add_(1, owner.expand(-1, -1, groups, rest.shape[-1]),
-                                                 rest.gather(1, rest_index))
-        return (summed.view(B, N + 1, C) / self.count.to(summed.dtype))[:, :N]
+        rows, offsets, weight = self.bags
+        x = tokens.view(B, N, groups, width)
+        table = x[..., :4 * g].unflatten(-1, (4, g)).permute(2, 3, 0, 1, 4).reshape(-1, g)  # [groups * 4 * B * N, g]
+        moved = F.embedding_bag(rows, table, offsets, mode='sum', per_sample_weights=weight.to(tokens.dtype))
+        moved = moved.view(groups, 4, B, N, g).permute(2, 3, 0, 1, 4).flatten(-2)  # [B, N, groups, 4 * g]
+        return torch.cat([moved, x[..., 4 * g:]], dim=-1).view(B, N, C)
 
 
 class ShiftConvModule(nn.Module):
@@ -127,23 +150,21 @@ class ShiftConvModule(nn.Module):
         nn.init.zeros_(self.reduce.weight)
         nn.init.zeros_(self.reduce.bias)
 
-    def delta(self, tokens: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+    def delta(self, tokens: torch.Tensor, shift: GridShift) -> torch.Tensor:
         """The residual branch alone: patch tokens [B, N, C] -> [B, N, C]."""
-        y = F.relu(self._pointwise(self.expand, grid.shift(tokens, self.groups)))  # [B, N, hidden]
-        return self._pointwise(self.reduce, grid.shift(y, self.groups))
+        y = F.relu(self._pointwise(self.expand, shift(tokens)))  # [B, N, hidden]
+        return self._pointwise(self.reduce, shift(y))
 
     @staticmethod
     def _pointwise(conv: nn.Conv1d, tokens: torch.Tensor) -> torch.Tensor:
-        """A 1x1 conv applied to every token, [B, N, C_in] -> [B, N, C_out].
-        NOTE conv1d, not F.linear: on the CPU its oneDNN kernel ran the compressed DeiT-S 7% faster
-        at batch 32 (and 6% slower at batch 1; docs/benchmark.md). Exported graphs take the matrix
-        product: ONNX's Conv needs [B, C, N], and onnxruntime copies every transpose."""
-        if tracing() and conv.groups == 1:
+        """A 1x1 conv applied to every token, [B, N, C_in] -> [B, N, C_out]: a matrix product on
+        the [B, N, C] layout (conv1d would need [B, C, N] and its transposes), grouped: conv1d."""
+        if conv.groups == 1:
             return F.linear(tokens, conv.weight.squeeze(-1), conv.bias)
         return conv(tokens.transpose(1, 2)).transpose(1, 2)
 
-    def forward(self, tokens: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
-        return tokens + self.delta(tokens, grid)
+    def forward(self, tokens: torch.Tensor, shift: GridShift) -> torch.Tensor:
+        return tokens + self.delta(tokens, shift)
 
 
 class EfficientAttentionShift(nn.Module):
@@ -157,14 +178,12 @@ class EfficientAttentionShift(nn.Module):
         self.scm_k = None if shared else ShiftConvModule(dim, exp_ratio, groups, shift)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, torch.Tensor]:
-        B = q.shape[0]
-        owner = None if state.owner is None else state.owner - 1  # [B, P], among the patch tokens
-        if self.scm_k is None:  # one SCM: q and k run as one batch of 2B sequences
-            both = torch.cat([q, k], dim=0)
-            grid = PatchGrid(state.grid_size, None if owner is None else owner.repeat(2, 1), both.shape[1] - 1,
-                             self.scm_q.shift)
-            refined = torch.cat([both[:, :1], self.scm_q(both[:, 1:], grid)], dim=1)
-            return refined[:B], refined[B:]
-        grid = PatchGrid(state.grid_size, owner, q.shape[1] - 1, self.scm_q.shift)
-        return (torch.cat([q[:, :1], self.scm_q(q[:, 1:], grid)], dim=1),
-                torch.cat([k[:, :1], self.scm_k(k[:, 1:], grid)], dim=1))
+        N = q.shape[1]
+        owner = None if state.owner is None else state.owner - 1  # [B, P], among the N - 1 patch tokens
+        shift = GridShift(state.grid_size, owner, N - 1, self.scm_q.shift, self.scm_q.groups, q.dtype)  # shared by q and k
+        # NOTE q and k pass one after the other even through a shared SCM: stacked as one batch,
+        # the [2B, N, hidden] activations exceed glibc's mmap threshold (32 MB) at batch 32 and
+        # page-fault on every call (the shared batch was 30% slower at N = 181)
+        scm_k = self.scm_k or self.scm_q
+        return (torch.cat([q[:, :1], self.scm_q(q[:, 1:], shift)], dim=1),
+                torch.cat([k[:, :1], scm_k(k[:, 1:], shift)], dim=1))

@@ -42,6 +42,7 @@ def analytic_flops(shape: ModelShape, prune: torch.Tensor, merge: torch.Tensor) 
     dense = prune.new_full((), P + 1)
     total = prune.new_full((), P * C * shape.in_chans * shape.patch_size ** 2)  # patch embedding
     # EAB: two 1x1 convs (C -> hidden -> C) per SCM on the patch tokens present, for q and k
+    # (its shifts move memory: no multiply-adds)
     eab_per_token = 4 * C * int(C * shape.eab_ratio) / shape.eab_groups if shape.eab_ratio else 0.0
     n_in = dense
     for block in range(shape.depth):

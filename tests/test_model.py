@@ -1,4 +1,5 @@
 """Properties of the SDT2Net model (DESIGN.md section 9)."""
+import contextlib
 import json
 import os
 
@@ -403,18 +404,27 @@ def test_eab_cost_follows_the_kept_tokens_and_its_structure_options():
 
 
 @pytest.mark.parametrize('channels,groups,shift', [(40, 1, 2), (384, 1, 2), (768, 1, 1), (36, 6, 1)])
-def test_fused_grid_shift_equals_paint_shift_and_read_back(channels, groups, shift):
-    """The EAB's one-gather shift of compressed tokens equals the plain procedure: paint every
-    token onto its patches (pruned: zero), shift the grid, average each token's patches."""
-    from models.eab import PatchGrid, shift_channel_groups
+@pytest.mark.parametrize('exported', [False, True])
+def test_token_shift_equals_paint_shift_and_read_back(channels, groups, shift, exported):
+    """The EAB's shift of compressed tokens (a weighted sum of token rows per channel slice; in
+    exported graphs N x N matrices) equals the plain procedure: paint every token onto its
+    patches (pruned: zero), shift the grid, average each token's patches. A token that owns no
+    patch (masked in training) receives zeros in the moving slices."""
+    from models.eab import GridShift, shift_channel_groups
     B, H, W, N = 3, 7, 7, 20
     owner = torch.randint(0, N + 1, (B, H * W))  # N: pruned
+    owner[:, :N - 1] = torch.arange(N - 1)  # every token but the last owns a patch
+    owner[owner == N - 1] = N
     x = torch.randn(B, N, channels, dtype=torch.float64)
-    fused = PatchGrid((H, W), owner, N, shift).shift(x, groups)
+    with models.export_numerics() if exported else contextlib.nullcontext():
+        shifted = GridShift((H, W), owner, N, shift, groups, torch.float64)(x)
+    moving = torch.ones(channels, dtype=torch.bool).view(groups, -1)
+    moving[:, 4 * (channels // groups // 5):] = False
+    torch.testing.assert_close(shifted[:, -1, moving.flatten()], x.new_zeros(B, int(moving.sum())))
     padded = torch.cat([x, x.new_zeros(B, 1, channels)], 1)
     index = owner[..., None].expand(-1, -1, channels)
-    painted = padded.gather(1, index).view(B, H, W, channels)
-    moved = shift_channel_groups(painted, groups, shift).view(B, H * W, channels)
+    painted = padded.gather(1, index).view(-1, H, W, channels)
+    moved = shift_channel_groups(painted, groups, shift).view(-1, H * W, channels)
     summed = padded.new_zeros(B, N + 1, channels).scatter_add(1, index, moved)
     count = padded.new_zeros(B, N + 1, 1).scatter_add(1, owner[..., None], padded.new_ones(B, H * W, 1))
-    torch.testing.assert_close(fused, (summed / count.clamp(min=1))[:, :N], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(shifted[:, :N - 1], (summed / count.clamp(min=1))[:, :N - 1], atol=1e-12, rtol=1e-12)
