@@ -152,7 +152,7 @@ class ShiftConvModule(nn.Module):
 
     def delta(self, tokens: torch.Tensor, shift: GridShift) -> torch.Tensor:
         """The residual branch alone: patch tokens [B, N, C] -> [B, N, C]."""
-        y = F.relu(self._pointwise(self.expand, shift(tokens)))  # [B, N, hidden]
+        y = F.relu(self._pointwise(self.expand, shift(tokens)), inplace=True)  # [B, N, hidden], a fresh tensor
         return self._pointwise(self.reduce, shift(y))
 
     @staticmethod
