@@ -144,7 +144,7 @@ class ShiftConvModule(nn.Module):
             raise ValueError(f'EAB: the shift must be at least 1 patch, got {shift}')
         self.groups = groups
         self.shift = shift
-        # 1x1 convolutions over tokens, [B, C, N] layout
+        # 1x1 convolutions, kept as Conv1d parameters ([out, in, 1], the checkpoints' layout); applied by _pointwise
         self.expand = nn.Conv1d(dim, hidden, kernel_size=1, groups=groups)
         self.reduce = nn.Conv1d(hidden, dim, kernel_size=1, groups=groups)
         nn.init.zeros_(self.reduce.weight)
@@ -183,7 +183,7 @@ class EfficientAttentionShift(nn.Module):
         shift = GridShift(state.grid_size, owner, N - 1, self.scm_q.shift, self.scm_q.groups, q.dtype)  # shared by q and k
         # NOTE q and k pass one after the other even through a shared SCM: stacked as one batch,
         # the [2B, N, hidden] activations exceed glibc's mmap threshold (32 MB) at batch 32 and
-        # page-fault on every call (the shared batch was 30% slower at N = 181)
-        scm_k = self.scm_k or self.scm_q
+        # page-fault on every call (docs/benchmark.md)
+        scm_k = self.scm_k if self.scm_k is not None else self.scm_q
         return (torch.cat([q[:, :1], self.scm_q(q[:, 1:], shift)], dim=1),
                 torch.cat([k[:, :1], scm_k(k[:, 1:], shift)], dim=1))
