@@ -25,7 +25,7 @@ import models  # registers the SDT2Net models with timm
 from compression_schedule import load_schedule
 from losses import flops_penalty
 from models.ftf import add_ridge, eigh_sqrtm, pade_sqrtm, weighted_covariance
-from utils import ArgumentParser, UserError, error_boundary, timed
+from utils import ArgumentParser, UserError, atomic_write_text, error_boundary, timed
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = os.path.join(ROOT, '..', 'shared', 'reference', 'diffrate_compression_rate.json')
@@ -52,6 +52,14 @@ def measure(cases: Dict[str, Callable[[], None]], device, warmup: int, repeats: 
         for name, fn in cases.items():
             times[name].append(timed(fn, device))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def inference(net: torch.nn.Module, images: torch.Tensor, autocast=contextlib.nullcontext) -> Callable[[], None]:
+    """One forward of net on images without gradients, as a case of `measure`."""
+    def run():
+        with torch.no_grad(), autocast():
+            net(images)
+    return run
 
 
 def sdt2net_small(eab: bool, ftf: bool, schedule: models.Schedule, device) -> models.SDT2Net:
@@ -120,8 +128,8 @@ def main(argv=None) -> None:
     if 'onnx' in args.parts:
         results.update(benchmark_onnx(args))
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'device': str(device), 'batch_size': args.batch_size, 'amp': args.amp, **results}, f, indent=1)
+        atomic_write_text(json.dumps({'device': str(device), 'batch_size': args.batch_size, 'amp': args.amp,
+                                      **results}, indent=1), args.json)
 
 
 def benchmark_inference(args, device, autocast) -> Dict[str, float]:
@@ -154,13 +162,8 @@ def inference_ratios(args, device, autocast, nets: Dict[str, torch.nn.Module], f
     results = {}
     images = torch.randn(batch, 3, 224, 224, device=device)
     timm_gflops = flops['timm deit_small_patch16_224'] / 1e9
-
-    def infer(net):
-        def run():
-            with torch.no_grad(), autocast():
-                net(images)
-        return run
-    seconds = measure({name: infer(net.eval()) for name, net in nets.items()}, device, args.warmup, args.repeats)
+    seconds = measure({name: inference(net.eval(), images, autocast) for name, net in nets.items()}, device,
+                      args.warmup, args.repeats)
     print(f'\ninference, batch {batch}, 224 px, {device.type}, amp {args.amp}')
     print(f'{"model":42s} {"GFLOPs":>8s} {"img/s":>9s}')
     for name, s in seconds.items():
@@ -204,11 +207,7 @@ def benchmark_onnx(args) -> Dict[str, float]:
         for batch in args.inference_batches:
             images = torch.randn(batch, 3, args.onnx_input_size, args.onnx_input_size)
             feed = {'images': images.numpy()}
-
-            def eager():
-                with torch.no_grad():
-                    model(images)
-            seconds = measure({'eager': eager, 'onnxruntime': lambda: runner.run(None, feed)},
+            seconds = measure({'eager': inference(model, images), 'onnxruntime': lambda: runner.run(None, feed)},
                               torch.device('cpu'), args.warmup, args.repeats)
             speedup = seconds['eager'] / seconds['onnxruntime']
             results[f'onnxruntime speedup over eager batch {batch}'] = speedup

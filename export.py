@@ -15,7 +15,7 @@ import importlib.util
 import json
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, Optional
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -33,8 +33,8 @@ OUTLIER_SHARE = 0.01  # share of images allowed beyond it (near-ties of the toke
 
 def release(checkpoint_path: str, out_path: str) -> Dict:
     """Write the weights-only release file of a checkpoint; returns what it holds."""
-    model, args = load_trained_model(checkpoint_path)
-    source = load_checkpoint(checkpoint_path)  # for its metrics and provenance
+    source = load_checkpoint(checkpoint_path)
+    model, args = load_trained_model(checkpoint_path, source)
     content = {
         'model': model.state_dict(),
         'schedule': schedule_entry(model),
@@ -81,7 +81,7 @@ def onnx_runner(path: str, threads: int = 0):
     return onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
 
 
-def compare_with_onnxruntime(model: models.SDT2Net, onnx_path: str, images: List[torch.Tensor]) -> Dict[str, float]:
+def compare_with_onnxruntime(model: models.SDT2Net, onnx_path: str, images: Iterable[torch.Tensor]) -> Dict[str, float]:
     """Run both on the same batches: per image, the largest logit difference against PyTorch
     running the graph's own operations (models.tracing) and against the eager model; top-1 agreement."""
     runner = onnx_runner(onnx_path)
@@ -122,7 +122,7 @@ def onnx_command(args) -> int:
         return 0
     transform = build_transform(False, run_args)
     paths = collect_images(args.check)[:args.max_images]
-    images = [batch for _, batch in batches(paths, transform, args.batch_size)]
+    images = (batch for _, batch in batches(paths, transform, args.batch_size))  # read as compared
     result = compare_with_onnxruntime(model, args.out, images)
     print(json.dumps(result))
     # NOTE the hard token selection makes the logits discontinuous where two tokens' importances

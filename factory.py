@@ -130,11 +130,12 @@ def load_run_model(run: str, checkpoint_name: str = 'checkpoint.pth') -> Tuple[m
     return load_trained_model(os.path.join(run, checkpoint_name))
 
 
-def load_trained_model(path: str) -> Tuple[models.SDT2Net, SimpleNamespace]:
+def load_trained_model(path: str, checkpoint: Optional[Dict] = None) -> Tuple[models.SDT2Net, SimpleNamespace]:
     """The model of a checkpoint written by main.py, with its weights and its schedule fixed, in
     evaluation mode; and the arguments of the run that wrote it (stored in model_best.pth, else
-    the run folder's args.json)."""
-    checkpoint = load_checkpoint(path)
+    the run folder's args.json). checkpoint: its content when the caller has read it already."""
+    if checkpoint is None:
+        checkpoint = load_checkpoint(path)
     if 'model' not in checkpoint or 'class_names' not in checkpoint:
         raise UserError(f'{path} is not a checkpoint written by main.py (no model or class names)')
     stored = checkpoint.get('args')

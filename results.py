@@ -13,7 +13,8 @@ import os
 import statistics
 import sys
 from typing import Dict, List, Optional
-from utils import ArgumentParser, error_boundary
+
+from utils import ArgumentParser, UserError, error_boundary
 
 COLUMNS = {  # name: (header, how to read it from a run's record)
     'top1': ('top-1 (%)', lambda r: r.get('acc1')),
@@ -90,9 +91,7 @@ def main(argv=None) -> int:
         key = json.dumps({k: v for k, v in record['args'].items() if k not in IGNORED}, sort_keys=True)
         groups.setdefault(key, []).append((folder, record))
     if not groups:
-        print(f'error: no run folders (with args.json and a log or an evaluation) in {" ".join(args.runs)}',
-              file=sys.stderr)
-        return 2
+        raise UserError(f'no run folders (with args.json and a log or an evaluation) in {" ".join(args.runs)}')
     headers = ['run', 'seeds'] + [COLUMNS[c][0] for c in args.columns]
     rows = []
     for members in groups.values():

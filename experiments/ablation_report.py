@@ -16,10 +16,10 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from benchmark import measure  # noqa: E402
+from benchmark import inference, measure  # noqa: E402
 from factory import load_run_model  # noqa: E402
 from seeds import seed_runs, summarise  # noqa: E402
-from utils import ArgumentParser  # noqa: E402
+from utils import ArgumentParser, error_boundary  # noqa: E402
 
 ROWS = [('deit', 'DeiT + DTC'), ('eab', '+ EAB'), ('ftf', '+ FTF'), ('both', '+ EAB + FTF')]
 
@@ -31,13 +31,7 @@ def throughput(folder: str, names, batches=(1, 32), repeats: int = 7):
     result = {}
     for batch in batches:
         images = torch.randn(batch, 3, size, size)
-
-        def infer(net):
-            def run():
-                with torch.no_grad():
-                    net(images)
-            return run
-        seconds = measure({name: infer(net) for name, net in nets.items()}, torch.device('cpu'), 2, repeats)
+        seconds = measure({name: inference(net, images) for name, net in nets.items()}, torch.device('cpu'), 2, repeats)
         for name, s in seconds.items():
             result.setdefault(name, {})[batch] = batch / s
     return result
@@ -104,6 +98,7 @@ def plot(folder: str, path: str) -> None:
     plt.close(fig)
 
 
+@error_boundary
 def main(argv=None) -> int:
     parser = ArgumentParser(prog='ablation_report.py', description=__doc__.splitlines()[0])
     parser.add_argument('out', nargs='?', default='output/offtheshelf', help='OUT of experiments/ablation.sh')

@@ -76,17 +76,17 @@ class GridShift:
         N, s = num_tokens, shift
         # source[b, k, p]: the token whose slice k patch p receives (k: from the right, left, below,
         # above); N past the grid's edge or for a pruned patch
-        padded = F.pad(owner.view(B, 1, H, W).float(), (s, s, s, s), value=N)
+        padded = F.pad(owner.view(B, 1, H, W), (s, s, s, s), value=N)
         crops = (padded[..., s:-s, 2 * s:], padded[..., s:-s, :-2 * s],
                  padded[..., 2 * s:, s:-s], padded[..., :-2 * s, s:-s])
-        source = torch.cat(crops, dim=1).long().view(B, 4, P)
+        source = torch.cat(crops, dim=1).view(B, 4, P)
         # each token's patches together, in token order, pruned patches (owner N) last: [B, P]
         owner, order = owner.sort(dim=1)
         source = source.gather(2, order[:, None].expand(-1, 4, -1))
-        patches = torch.zeros(B, N + 1, dtype=dtype, device=owner.device).scatter_add_(
-            1, owner, torch.ones(B, P, dtype=dtype, device=owner.device))  # [B, N + 1] patches per token
+        counts = torch.zeros(B, N + 1, dtype=torch.long, device=owner.device).scatter_add_(
+            1, owner, torch.ones_like(owner))  # [B, N + 1] patches per token (the last: pruned)
         # 1 / patches of its token, 0 for a pruned patch or a source outside the tokens: [B, 4, P]
-        weight = ((owner < N).to(dtype) / patches.gather(1, owner))[:, None] * (source < N).to(dtype)
+        weight = ((owner < N).to(dtype) / counts.gather(1, owner))[:, None] * (source < N).to(dtype)
         source = source.clamp(max=N - 1)  # zero weight where clamped
         if exporting():
             index = owner.clamp(max=N - 1)[:, None] * N + source
@@ -94,7 +94,7 @@ class GridShift:
                 2, index, weight).view(B, 4, N, N)
             return
         first = torch.arange(B, device=owner.device)[:, None]
-        counts = patches[:, :N].long()
+        counts = counts[:, :N]
         offsets = (first * P + counts.cumsum(1) - counts).flatten()  # [B * N] first patch of each token
         rows = (first[..., None] * N + source).transpose(0, 1).reshape(4, B * P)  # token rows per slice
         # one bag per (group, slice, image, token), in that order, over the rows of the moving
@@ -105,7 +105,8 @@ class GridShift:
                      weight.transpose(0, 1).reshape(4, B * P).repeat(groups, 1).flatten())
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: [B, N, C] -> [B, N, C], the channels in `groups` groups of five slices each."""
+        """tokens: [B, N, C] of the dtype given at construction -> [B, N, C], the channels in
+        `groups` groups of five slices each."""
         B, N, C = tokens.shape
         groups = self.groups
         width = C // groups
@@ -114,7 +115,7 @@ class GridShift:
             x = tokens.view(B, N, groups, width)
             # the four moving slices side by side: [B, 4, N, groups * g]
             moving = x[..., :4 * g].unflatten(-1, (4, g)).permute(0, 3, 1, 2, 4).reshape(B, 4, N, groups * g)
-            moved = (self.operator.to(tokens.dtype) @ moving).view(B, 4, N, groups, g)
+            moved = (self.operator @ moving).view(B, 4, N, groups, g)
             moved = moved.permute(0, 2, 3, 1, 4).flatten(-2)  # [B, N, groups, 4 * g]
             return torch.cat([moved, x[..., 4 * g:]], dim=-1).view(B, N, C)
         if self.bags is None:
@@ -123,7 +124,7 @@ class GridShift:
         rows, offsets, weight = self.bags
         x = tokens.view(B, N, groups, width)
         table = x[..., :4 * g].unflatten(-1, (4, g)).permute(2, 3, 0, 1, 4).reshape(-1, g)  # [groups * 4 * B * N, g]
-        moved = F.embedding_bag(rows, table, offsets, mode='sum', per_sample_weights=weight.to(tokens.dtype))
+        moved = F.embedding_bag(rows, table, offsets, mode='sum', per_sample_weights=weight)
         moved = moved.view(groups, 4, B, N, g).permute(2, 3, 0, 1, 4).flatten(-2)  # [B, N, groups, 4 * g]
         return torch.cat([moved, x[..., 4 * g:]], dim=-1).view(B, N, C)
 
@@ -181,9 +182,9 @@ class EfficientAttentionShift(nn.Module):
         N = q.shape[1]
         owner = None if state.owner is None else state.owner - 1  # [B, P], among the N - 1 patch tokens
         shift = GridShift(state.grid_size, owner, N - 1, self.scm_q.shift, self.scm_q.groups, q.dtype)  # shared by q and k
-        # NOTE q and k pass one after the other even through a shared SCM: stacked as one batch,
-        # the [2B, N, hidden] activations exceed glibc's mmap threshold (32 MB) at batch 32 and
-        # page-fault on every call (docs/benchmark.md)
+        # NOTE q and k pass one after the other even through a shared SCM: stacked as one batch
+        # (the [2B, N, hidden] activations above glibc's 32 MB mmap threshold at batch 32) they
+        # ran slower (docs/benchmark.md)
         scm_k = self.scm_k if self.scm_k is not None else self.scm_q
         return (torch.cat([q[:, :1], self.scm_q(q[:, 1:], shift)], dim=1),
                 torch.cat([k[:, :1], scm_k(k[:, 1:], shift)], dim=1))

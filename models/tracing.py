@@ -1,8 +1,9 @@
-"""Whether the model runs as exported graphs need it: the two operations an ONNX graph cannot hold
-have stand-ins, chosen while torch.export / torch.onnx trace the model: a TopK instead of the stable
-sort (the same order: ONNX's TopK breaks ties by the lower index; eager topk does not, so eager code
-keeps the sort), and Newton-Schulz products instead of the Cholesky inverse of the Pade root (also
-in eager mode inside `export_numerics()`, to compare a runtime with the computation it was given)."""
+"""Whether the model runs as exported graphs need it: the operations an ONNX graph cannot hold have
+stand-ins, chosen while torch.export / torch.onnx trace the model: a TopK instead of the stable sort
+(the same order: ONNX's TopK breaks ties by the lower index; eager topk does not, so eager code
+keeps the sort), and, also in eager mode inside `export_numerics()` (to compare a runtime with the
+computation it was given), Newton-Schulz products instead of the Cholesky inverse of the Pade root
+and [B, 4, N, N] matrix products instead of the `embedding_bag` sums of the EAB's shifts."""
 import contextlib
 from typing import Iterator
 
