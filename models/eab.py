@@ -125,8 +125,12 @@ class GridShift:
         x = tokens.view(B, N, groups, width)
         table = x[..., :4 * g].unflatten(-1, (4, g)).permute(2, 3, 0, 1, 4).reshape(-1, g)  # [groups * 4 * B * N, g]
         moved = F.embedding_bag(rows, table, offsets, mode='sum', per_sample_weights=weight)
-        moved = moved.view(groups, 4, B, N, g).permute(2, 3, 0, 1, 4).flatten(-2)  # [B, N, groups, 4 * g]
-        return torch.cat([moved, x[..., 4 * g:]], dim=-1).view(B, N, C)
+        # NOTE two copies into one output rather than a permuted copy and a cat of strided parts
+        # (one pass over the data fewer; 10-30% faster per shift, docs/benchmark.md)
+        out = torch.empty_like(x)
+        out[..., :4 * g].unflatten(-1, (4, g)).copy_(moved.view(groups, 4, B, N, g).permute(2, 3, 0, 1, 4))
+        out[..., 4 * g:] = x[..., 4 * g:]
+        return out.view(B, N, C)
 
 
 class ShiftConvModule(nn.Module):
@@ -168,6 +172,13 @@ class ShiftConvModule(nn.Module):
         return tokens + self.delta(tokens, shift)
 
 
+# NOTE below this size (bytes) of the stacked hidden activations, q and k pass a shared SCM as one
+# batch of 2B: half the operator calls and twice the rows per matrix product, which is what small
+# batches are short of. Above it they pass one after the other: at batch 32 the stacked batch ran
+# slower (docs/benchmark.md).
+STACK_BYTES = 4 << 20
+
+
 class EfficientAttentionShift(nn.Module):
     """Refines q and k, [B, N, C] each (class token first, left unchanged), with one SCM shared
     by both (the official code's structure) or one each (`shared=False`)."""
@@ -179,12 +190,19 @@ class EfficientAttentionShift(nn.Module):
         self.scm_k = None if shared else ShiftConvModule(dim, exp_ratio, groups, shift)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, torch.Tensor]:
-        N = q.shape[1]
+        B, N, _ = q.shape
         owner = None if state.owner is None else state.owner - 1  # [B, P], among the N - 1 patch tokens
-        shift = GridShift(state.grid_size, owner, N - 1, self.scm_q.shift, self.scm_q.groups, q.dtype)  # shared by q and k
-        # NOTE q and k pass one after the other even through a shared SCM: stacked as one batch
-        # (the [2B, N, hidden] activations above glibc's 32 MB mmap threshold at batch 32) they
-        # ran slower (docs/benchmark.md)
-        scm_k = self.scm_k if self.scm_k is not None else self.scm_q
-        return (torch.cat([q[:, :1], self.scm_q(q[:, 1:], shift)], dim=1),
+        scm_q = self.scm_q
+        hidden = scm_q.expand.out_channels
+        stacked_bytes = 2 * B * (N - 1) * hidden * q.element_size()
+        if self.scm_k is None and not tracing() and stacked_bytes <= STACK_BYTES:  # exported: one graph for every batch
+            qk = torch.cat([q, k])  # [2B, N, C]
+            shift = GridShift(state.grid_size, None if owner is None else owner.repeat(2, 1), N - 1,
+                              scm_q.shift, scm_q.groups, q.dtype)
+            # nothing keeps qk's values for the backward pass, so the residual may go in place
+            qk[:, 1:] += scm_q.delta(qk[:, 1:], shift)
+            return qk[:B], qk[B:]
+        shift = GridShift(state.grid_size, owner, N - 1, scm_q.shift, scm_q.groups, q.dtype)  # shared by q and k
+        scm_k = self.scm_k if self.scm_k is not None else scm_q
+        return (torch.cat([q[:, :1], scm_q(q[:, 1:], shift)], dim=1),
                 torch.cat([k[:, :1], scm_k(k[:, 1:], shift)], dim=1))

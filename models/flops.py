@@ -61,7 +61,7 @@ def analytic_flops(shape: ModelShape, prune: torch.Tensor, merge: torch.Tensor) 
         total = total + 4 * n_in * C * C                 # qkv + proj
         total = total + eab_per_token * (n_in - 1)       # shift-conv modules on q and k
         total = total + 2 * n_in * n_in * C              # q @ k^T and attn @ v
-        total = total + importance + (p - m) * m * C     # sorting row, merge similarity
+        total = total + importance + (p - m) * (m - 1) * C  # sorting row, similarity to the m - 1 patch tokens
         total = total + 5 * after * C + 2 * after * C * shape.mlp_hidden  # norm2 + MLP
         n_in = after
     total = total + 5 * n_in * C + C * shape.num_classes  # final norm + class-token head

@@ -8,6 +8,7 @@ Because kept counts are shared by the batch, alive tokens sit at identical posit
 modes, which is what makes the two forwards agree.
 """
 from dataclasses import dataclass, replace
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -45,22 +46,40 @@ class TokenState:
         return torch.arange(1, num_patches + 1, device=device).expand(batch, -1)
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows index[b] of image b: x [B, N, ...], index [B, K] -> [B, K, ...].
+
+    NOTE one index_select over the flattened batch: it copies whole rows, where `gather` with an
+    index expanded over the channels looks up every element (2.5-4x slower, docs/benchmark.md).
+    """
+    B, N = x.shape[:2]
+    flat = index + torch.arange(0, B * N, N, device=index.device)[:, None]
+    return x.flatten(0, 1).index_select(0, flat.flatten()).view(B, index.shape[1], *x.shape[2:])
+
+
+def add_rows(x: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x with rows[b, m] added to its row index[b, m]: x [B, K, C], index [B, M], rows [B, M, C]."""
+    B, K = x.shape[:2]
+    flat = index + torch.arange(0, B * K, K, device=index.device)[:, None]
+    return x.flatten(0, 1).index_add(0, flat.flatten(), rows.flatten(0, 1)).view_as(x)
+
+
 def sort_by_importance(importance: torch.Tensor, alive: int) -> torch.Tensor:
     """Order of tokens: class token, alive patch tokens by importance (descending), the rest.
 
-    importance: [B, N - 1] class-token attention on patch tokens.
+    importance: [B, N - 1] class-token attention on patch tokens (in [0, 1]).
     Returns order: [B, N], order[b, t] = old index of the token moved to position t.
     """
-    B, n_patches = importance.shape
-    scores = importance[:, :alive - 1]
+    n_patches = importance.shape[1]
+    # the class token scores +inf, tokens that are no longer alive -inf: a stable sort keeps them
+    # in place after the alive ones
+    scores = F.pad(importance[:, :alive - 1], (1, 0), value=math.inf)
+    if alive <= n_patches:
+        scores = F.pad(scores, (0, n_patches + 1 - alive), value=-math.inf)
     if tracing():
         # NOTE ONNX has no sort; its TopK breaks ties by the lower index, as the stable sort does.
-        ranked = torch.topk(scores, scores.shape[1], dim=1).indices + 1
-    else:
-        ranked = torch.sort(scores, dim=1, descending=True, stable=True).indices + 1
-    head = torch.zeros(B, 1, dtype=ranked.dtype, device=ranked.device)
-    tail = torch.arange(alive, n_patches + 1, device=ranked.device).expand(B, -1)
-    return torch.cat([head, ranked, tail], dim=1)
+        return torch.topk(scores, n_patches + 1, dim=1).indices
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices
 
 
 def match_merge_targets(x: torch.Tensor, kept: int, end: int) -> torch.Tensor:
@@ -70,10 +89,9 @@ def match_merge_targets(x: torch.Tensor, kept: int, end: int) -> torch.Tensor:
     The class token is never a destination.
     """
     with torch.no_grad():
-        metric = F.normalize(x[:, :end].float(), dim=-1)
-        similarity = metric[:, kept:end] @ metric[:, :kept].transpose(1, 2)  # [B, end-kept, kept]
-        similarity[..., 0] = -torch.inf
-        return similarity.argmax(dim=-1)
+        metric = F.normalize(x[:, 1:end].float(), dim=-1)
+        similarity = metric[:, kept - 1:] @ metric[:, :kept - 1].transpose(1, 2)  # [B, end-kept, kept-1]
+        return similarity.argmax(dim=-1) + 1
 
 
 def merge_into(x: torch.Tensor, size: torch.Tensor, dst: torch.Tensor, kept: int, end: int):
@@ -82,9 +100,7 @@ def merge_into(x: torch.Tensor, size: torch.Tensor, dst: torch.Tensor, kept: int
     x: [B, N, C], size: [B, N, 1], dst: [B, end - kept]. Returns the new first `kept` tokens
     and their sizes: [B, kept, C], [B, kept, 1].
     """
-    C = x.shape[-1]
-    weighted = (x[:, :kept] * size[:, :kept]).scatter_add(
-        1, dst[..., None].expand(-1, -1, C), x[:, kept:end] * size[:, kept:end])
+    weighted = add_rows(x[:, :kept] * size[:, :kept], dst, x[:, kept:end] * size[:, kept:end])
     merged_size = size[:, :kept].scatter_add(1, dst[..., None], size[:, kept:end])
     return weighted / merged_size, merged_size
 
@@ -104,8 +120,9 @@ def compress(x: torch.Tensor, state: TokenState, importance: torch.Tensor,
     prune_kept = min(prune_kept, state.alive)
     merge_kept = min(merge_kept, prune_kept)
     order = sort_by_importance(importance, state.alive)  # [B, N]
-    size = state.sizes(x).gather(1, order[..., None])
-    x = x.gather(1, order[..., None].expand(-1, -1, C))
+    kept_order = order if training else order[:, :prune_kept]  # evaluation drops the pruned ones here
+    x = gather_rows(x, kept_order)
+    size = gather_rows(state.size, kept_order) if state.size is not None else x.new_ones(B, x.shape[1], 1)
 
     dst = None
     if merge_kept < prune_kept:
@@ -116,8 +133,6 @@ def compress(x: torch.Tensor, state: TokenState, importance: torch.Tensor,
             size = torch.cat([merged_size, size[:, merge_kept:]], dim=1)
         else:
             x, size = merged, merged_size
-    elif not training:
-        x, size = x[:, :merge_kept], size[:, :merge_kept]
 
     mask = None
     if training:
@@ -139,10 +154,9 @@ def _follow_owners(owner: torch.Tensor, order: torch.Tensor, dst: Optional[torch
     owner: [B, P] old token indices (old N = pruned); order: [B, N]; dst: [B, prune_kept - merge_kept].
     """
     B, N = order.shape
-    new_of_sorted = torch.arange(N, device=order.device).expand(B, -1).clone()  # [B, N]
+    new_of_sorted = torch.arange(merge_kept, device=order.device).expand(B, -1)  # [B, prune_kept] with dst
     if dst is not None:
-        new_of_sorted[:, merge_kept:prune_kept] = dst
-    new_of_sorted[:, prune_kept:] = sentinel
-    new_of_old = torch.empty_like(new_of_sorted).scatter_(1, order, new_of_sorted)
-    new_of_old = torch.cat([new_of_old, new_of_old.new_full((B, 1), sentinel)], dim=1)  # old sentinel
+        new_of_sorted = torch.cat([new_of_sorted, dst], dim=1)
+    # old token -> new token, [B, N + 1]: pruned tokens and the old sentinel (index N) -> sentinel
+    new_of_old = owner.new_full((B, N + 1), sentinel).scatter_(1, order[:, :prune_kept], new_of_sorted)
     return new_of_old.gather(1, owner)

@@ -385,6 +385,34 @@ def test_eab_on_tokens_equals_the_grid_module_at_full_keep():
     torch.testing.assert_close(k_out, reference(k), atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize('compressed', [False, True])
+def test_eab_stacked_q_and_k_equal_one_after_the_other(monkeypatch, compressed):
+    """Small batches pass q and k through the shared SCM as one batch of 2B, the residual added
+    in place; large ones pass them one after the other. Same outputs and gradients."""
+    import models.eab as eab_module
+    torch.manual_seed(0)
+    eab = eab_module.EfficientAttentionShift(40, 2.0, 1, shift=1, shared=True).double()
+    torch.nn.init.normal_(eab.scm_q.reduce.weight, std=0.1)
+    B, N = 3, 20  # N tokens with the class token, on an 8 x 8 grid
+    owner = None
+    if compressed:
+        owner = torch.randint(1, N + 1, (B, 64))  # N: pruned
+        owner[:, :N - 1] = torch.arange(1, N)
+    state = models.sdt2net.TokenState(alive=N if compressed else 65, grid_size=(8, 8), owner=owner)
+    q0, k0 = torch.randn(2, B, N if compressed else 65, 40, dtype=torch.float64).unbind(0)
+    results = []
+    for limit in (1 << 40, 0):
+        monkeypatch.setattr(eab_module, 'STACK_BYTES', limit)
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        eab.zero_grad()
+        q_out, k_out = eab(q, k, state)
+        (q_out.sin().sum() + k_out.cos().sum()).backward()
+        results.append((q_out, k_out, q.grad, k.grad, eab.scm_q.expand.weight.grad.clone()))
+    for stacked, sequential in zip(*results):
+        torch.testing.assert_close(stacked, sequential, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(results[0][0][:, 0], q0[:, 0])  # class token untouched
+
+
 def test_eab_cost_follows_the_kept_tokens_and_its_structure_options():
     shape = timm.create_model('sdt2net_small_patch16_224', num_classes=45).shape()
     no_eab = timm.create_model('sdt2net_small_patch16_224', num_classes=45, eab=False).shape()
