@@ -191,18 +191,23 @@ class EfficientAttentionShift(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, torch.Tensor]:
         B, N, _ = q.shape
-        owner = None if state.owner is None else state.owner - 1  # [B, P], among the N - 1 patch tokens
         scm_q = self.scm_q
-        hidden = scm_q.expand.out_channels
-        stacked_bytes = 2 * B * (N - 1) * hidden * q.element_size()
-        if self.scm_k is None and not tracing() and stacked_bytes <= STACK_BYTES:  # exported: one graph for every batch
+        stacked_bytes = 2 * B * (N - 1) * scm_q.expand.out_channels * q.element_size()
+        # exported graphs never stack: one graph serves every batch size
+        stacked = self.scm_k is None and not tracing() and stacked_bytes <= STACK_BYTES
+        # the shift lists, shared by q and k, and by the blocks that follow until the next compression
+        key = ('grid_shift', stacked, scm_q.shift, scm_q.groups, q.dtype)
+        shift = state.derived.get(key)
+        if shift is None:
+            owner = None if state.owner is None else state.owner - 1  # [B, P], among the N - 1 patch tokens
+            if stacked and owner is not None:
+                owner = owner.repeat(2, 1)  # [2B, P]
+            shift = state.derived[key] = GridShift(state.grid_size, owner, N - 1, scm_q.shift, scm_q.groups, q.dtype)
+        if stacked:
             qk = torch.cat([q, k])  # [2B, N, C]
-            shift = GridShift(state.grid_size, None if owner is None else owner.repeat(2, 1), N - 1,
-                              scm_q.shift, scm_q.groups, q.dtype)
             # nothing keeps qk's values for the backward pass, so the residual may go in place
             qk[:, 1:] += scm_q.delta(qk[:, 1:], shift)
             return qk[:B], qk[B:]
-        shift = GridShift(state.grid_size, owner, N - 1, scm_q.shift, scm_q.groups, q.dtype)  # shared by q and k
         scm_k = self.scm_k if self.scm_k is not None else scm_q
         return (torch.cat([q[:, :1], scm_q(q[:, 1:], shift)], dim=1),
                 torch.cat([k[:, :1], scm_k(k[:, 1:], shift)], dim=1))

@@ -7,9 +7,9 @@ Two execution modes share every function:
 Because kept counts are shared by the batch, alive tokens sit at identical positions in both
 modes, which is what makes the two forwards agree.
 """
-from dataclasses import dataclass, replace
 import math
-from typing import Optional, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, Hashable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,8 @@ class TokenState:
     mask:  [B, N] straight-through keep mask (training only); None when every token is alive.
     owner: [B, P] index of the token each patch belongs to, N meaning "pruned"; None while the
            identity (patch p -> token p + 1). Only tracked when `track_owner`.
+    derived: what blocks derive from the owners (the EAB's shift lists), kept for the blocks that
+           follow until the next compression, which starts an empty one.
     """
     alive: int
     grid_size: Tuple[int, int]
@@ -33,6 +35,7 @@ class TokenState:
     mask: Optional[torch.Tensor] = None
     owner: Optional[torch.Tensor] = None
     track_owner: bool = False
+    derived: Dict[Hashable, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def sizes(self, x: torch.Tensor) -> torch.Tensor:
         """size as a tensor, [B, N, 1]."""
@@ -144,7 +147,7 @@ def compress(x: torch.Tensor, state: TokenState, importance: torch.Tensor,
     if state.track_owner:
         owner = _follow_owners(state.owners(B, x.device), order, dst, prune_kept, merge_kept,
                                sentinel=x.shape[1])
-    return x, replace(state, alive=merge_kept, size=size, mask=mask, owner=owner)
+    return x, replace(state, alive=merge_kept, size=size, mask=mask, owner=owner, derived={})
 
 
 def _follow_owners(owner: torch.Tensor, order: torch.Tensor, dst: Optional[torch.Tensor],

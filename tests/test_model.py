@@ -413,6 +413,32 @@ def test_eab_stacked_q_and_k_equal_one_after_the_other(monkeypatch, compressed):
     torch.testing.assert_close(results[0][0][:, 0], q0[:, 0])  # class token untouched
 
 
+def test_eab_shift_lists_are_built_once_per_compression(monkeypatch):
+    """Blocks that do not compress reuse the shift lists of the block before (same owners); a
+    compression hands the next block an empty store, so nothing stale is reused."""
+    import models.eab as eab_module
+    built = []
+    original = eab_module.GridShift.__init__
+
+    def counting(self, grid_size, owner, *args, **kwargs):
+        built.append(owner is not None)
+        original(self, grid_size, owner, *args, **kwargs)
+    monkeypatch.setattr(eab_module.GridShift, '__init__', counting)
+    model = small_sdt2net().eval()
+    model.set_kept_num([65, 40, 40, 40], [65, 30, 30, 30])  # only block 1 compresses
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+    # blocks 0-1 (their attention precedes block 1's compression): the identity layout, once; block 2
+    # builds from the new owners; block 3 reuses them
+    assert built == [False, True], built
+    tokens = torch.randn(2, 65, 40)
+    state = models.sdt2net.TokenState(alive=65, grid_size=(8, 8), track_owner=True)
+    state.derived['anything'] = object()
+    _, compressed = models.token_ops.compress(tokens, state, torch.rand(2, 64), 40, 30)
+    assert compressed.derived == {} and state.derived
+
+
 def test_eab_cost_follows_the_kept_tokens_and_its_structure_options():
     shape = timm.create_model('sdt2net_small_patch16_224', num_classes=45).shape()
     no_eab = timm.create_model('sdt2net_small_patch16_224', num_classes=45, eab=False).shape()
