@@ -56,15 +56,18 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     index expanded over the channels looks up every element (2.5-4x slower, docs/benchmark.md).
     """
     B, N = x.shape[:2]
-    flat = index + torch.arange(0, B * N, N, device=index.device)[:, None]
-    return x.flatten(0, 1).index_select(0, flat.flatten()).view(B, index.shape[1], *x.shape[2:])
+    return x.flatten(0, 1).index_select(0, _batch_rows(index, N)).view(B, index.shape[1], *x.shape[2:])
 
 
 def add_rows(x: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """x with rows[b, m] added to its row index[b, m]: x [B, K, C], index [B, M], rows [B, M, C]."""
-    B, K = x.shape[:2]
-    flat = index + torch.arange(0, B * K, K, device=index.device)[:, None]
-    return x.flatten(0, 1).index_add(0, flat.flatten(), rows.flatten(0, 1)).view_as(x)
+    return x.flatten(0, 1).index_add(0, _batch_rows(index, x.shape[1]), rows.flatten(0, 1)).view_as(x)
+
+
+def _batch_rows(index: torch.Tensor, rows_per_image: int) -> torch.Tensor:
+    """Row indices [B, K] within each image -> [B * K] rows of the flattened batch."""
+    offsets = torch.arange(0, index.shape[0] * rows_per_image, rows_per_image, device=index.device)
+    return (index + offsets[:, None]).flatten()
 
 
 def sort_by_importance(importance: torch.Tensor, alive: int) -> torch.Tensor:
@@ -118,7 +121,7 @@ def compress(x: torch.Tensor, state: TokenState, importance: torch.Tensor,
     keep_masks: training only, the (prune, merge) straight-through masks over positions, [N + 1]
     each (position 0 = class token); without it tokens are removed.
     """
-    B, N, C = x.shape
+    B, N = x.shape[:2]
     training = keep_masks is not None
     prune_kept = min(prune_kept, state.alive)
     merge_kept = min(merge_kept, prune_kept)
