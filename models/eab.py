@@ -6,7 +6,7 @@ ReLU, shift, 1x1 conv back, residual. The 1x1 convs are per-token operations and
 tokens that are present (cost 2 * exp_ratio * N * C^2 per SCM); only the shifts use each image's
 2-D patch grid: every token is painted onto the patches it owns (pruned patches are zero), the
 channel groups move, and every token reads back the mean over its patches. That procedure is a
-weighted sum of token rows, built once per block (GridShift). While no token has been pruned or
+weighted sum of token rows, built once per compression (GridShift). While no token has been pruned or
 merged the grid is the token sequence itself and it is shifted directly.
 """
 from typing import Optional, Tuple
@@ -50,18 +50,19 @@ def shift_channel_groups(grid: torch.Tensor, groups: int, shift: int) -> torch.T
 
 
 class GridShift:
-    """The SCM's shifts for one block's tokens (B images, N patch tokens, P patches), on each
-    image's patch grid.
+    """The SCM's shifts of a block's tokens (B images, N patch tokens, P patches), on each image's
+    patch grid.
 
     Every token is painted onto the patches it owns (pruned patches are zero), the channel slices
     move by `shift` patches, and every token reads back the mean over its patches. For each of the
     four moving slices that is a weighted sum of token rows: token n receives, for each patch p it
     owns, the row of the token that owns the patch `shift` away (none past the edge or where that
-    patch is pruned), weighted 1 / (patches of n). These lists are built once per block from the
-    [B, P] owners and summed with `embedding_bag` (one bag per token), so a shift reads about 4/5 *
-    P * C values and does no N x N work; the identity slice is the token itself. Exported graphs
-    (ONNX has no embedding_bag) apply the same weights as [B, 4, N, N] matrices instead. owner
-    None: the identity layout (token p is patch p), shifted on the grid directly.
+    patch is pruned), weighted 1 / (patches of n). These lists are built once per set of [B, P]
+    owners (EfficientAttentionShift keeps them until the next compression) and summed with
+    `embedding_bag` (one bag per token), so a shift reads about 4/5 * P * C values and does no
+    N x N work; the identity slice is the token itself. Exported graphs (ONNX has no
+    embedding_bag) apply the same weights as [B, 4, N, N] matrices instead. owner None: the
+    identity layout (token p is patch p), shifted on the grid directly.
     """
 
     def __init__(self, grid_size: Tuple[int, int], owner: Optional[torch.Tensor], num_tokens: int,
