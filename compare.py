@@ -62,12 +62,17 @@ def paired_comparison(correct_a: np.ndarray, correct_b: np.ndarray, resamples: i
             'only_a_correct': only_a, 'only_b_correct': only_b, 'mcnemar_p': mcnemar_exact(only_a, only_b)}
 
 
-def compare_files(path_a: str, path_b: str, resamples: int = 10000) -> Dict[str, float]:
+def read_paired_predictions(path_a: str, path_b: str) -> Tuple[np.ndarray, np.ndarray]:
+    """correct [N] of two predictions.csv files of the same images in the same order."""
     files_a, correct_a = read_predictions(path_a)
     files_b, correct_b = read_predictions(path_b)
     if files_a != files_b:
         raise UserError(f'{path_a} and {path_b} are not evaluations of the same images in the same order')
-    return paired_comparison(correct_a, correct_b, resamples)
+    return correct_a, correct_b
+
+
+def compare_files(path_a: str, path_b: str, resamples: int = 10000) -> Dict[str, float]:
+    return paired_comparison(*read_paired_predictions(path_a, path_b), resamples)
 
 
 @error_boundary

@@ -29,8 +29,9 @@ from factory import (FIXED_SCHEDULES, SCHEDULE_VARIANTS, create_model, load_weig
 from engine import Precision, SearchObjective, evaluate, measure_throughput, train_one_epoch
 from losses import build_criterion
 from utils import (ArgumentParser, NonFiniteLossError, OutputFolder, ReplicasDisagreeError, UserError, append_json_line,
-                   atomic_torch_save, atomic_write_text, check_replicas_agree, get_world_size, init_distributed, is_distributed,
-                   is_main_process, load_checkpoint, rng_state, seed_everything, set_rng_state, unwrap)
+                   atomic_torch_save, atomic_write_text, check_replicas_agree, error_boundary, get_world_size,
+                   init_distributed, is_distributed, is_main_process, load_checkpoint, rng_state, seed_everything,
+                   set_rng_state, unwrap)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -507,6 +508,7 @@ def describe_model(model: models.SDT2Net, args, device, precision, gflops_dense:
     }
 
 
+@error_boundary  # bad input and file errors; the failures of a run below come with their own advice
 def run(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -514,12 +516,8 @@ def run(argv=None) -> int:
         validate_args(args, parser)
         with contextlib.ExitStack() as cleanup:
             main(args, cleanup)
-    except UserError as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 2
-    except UnreadableImageError as error:
-        print(f'error: {str(error).strip().splitlines()[-1]}', file=sys.stderr)
-        return 2
+    except UnreadableImageError as error:  # raised in a loader worker: its last line names the file
+        raise UserError(str(error).strip().splitlines()[-1]) from None
     except (NonFiniteLossError, ReplicasDisagreeError, FloatingPointError) as error:
         print(f'error: {error}; stopped, the last checkpoint is kept (lower --lr or --arch-lr, '
               f'or set --clip-grad)', file=sys.stderr)
@@ -533,9 +531,6 @@ def run(argv=None) -> int:
     except torch.OutOfMemoryError:
         print('error: out of memory; lower --batch-size (or --input-size)', file=sys.stderr)
         return 1
-    except OSError as error:
-        print(f'error: {error.filename or "file system"}: {error.strerror or error}', file=sys.stderr)
-        return 2
     finally:
         if is_distributed():
             torch.distributed.destroy_process_group()

@@ -4,7 +4,6 @@ curves and the learned schedules beside DiffRate's published ones.
 
     python experiments/offtheshelf_report.py [OUT] [--figures figures] [--write-schedules]
 """
-import argparse
 import glob
 import json
 import math
@@ -23,6 +22,7 @@ from compare import compare_files  # noqa: E402
 from compression_schedule import DEFAULT_FILE, save_schedule  # noqa: E402
 from models import Schedule  # noqa: E402
 from seeds import seed_runs, summarise  # noqa: E402
+from utils import ArgumentParser, UserError, error_boundary  # noqa: E402
 
 REFERENCE = os.path.join(ROOT, '..', 'shared', 'reference', 'diffrate_compression_rate.json')
 MODEL = 'sdt2net_tiny_patch16_224'
@@ -200,12 +200,16 @@ def write_schedules(out):
                                      'experiments/offtheshelf_report.py --write-schedules'})
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@error_boundary
+def main(argv=None) -> int:
+    parser = ArgumentParser(prog='offtheshelf_report.py', description=__doc__.splitlines()[0])
     parser.add_argument('out', nargs='?', default='output/offtheshelf', help='OUT of experiments/offtheshelf.sh')
     parser.add_argument('--figures', default='figures', help='where the two figures go')
     parser.add_argument('--write-schedules', action='store_true', help='add the learned schedules to compression_rate.json')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if load(args.out, 'dense') is None:
+        raise UserError(f'no evaluation of the dense backbone in {os.path.join(args.out, "eval", "dense")}: '
+                        'run experiments/offtheshelf.sh first')
     print(table(args.out))
     tuned = finetune_table(args.out)
     if tuned:

@@ -11,7 +11,7 @@ from typing import Dict, List
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from compare import bootstrap_interval, compare_files, read_predictions  # noqa: E402
+from compare import bootstrap_interval, paired_comparison, read_paired_predictions  # noqa: E402
 
 
 def seed_runs(folder: str) -> Dict[str, Dict[int, str]]:
@@ -39,9 +39,9 @@ def summarise(runs: Dict[str, Dict[int, str]], name: str, reference: str = '') -
         return summary
     differences: List[np.ndarray] = []
     for s in shared:
-        ours, theirs = (os.path.join(runs[n][s], 'predictions.csv') for n in (name, reference))
-        summary['per_seed'].append(compare_files(ours, theirs, 2000))
-        differences.append(read_predictions(ours)[1].astype(float) - read_predictions(theirs)[1].astype(float))
+        ours, theirs = read_paired_predictions(*(os.path.join(runs[n][s], 'predictions.csv') for n in (name, reference)))
+        summary['per_seed'].append(paired_comparison(ours, theirs, 2000))
+        differences.append(ours.astype(float) - theirs.astype(float))
     pooled = np.mean(differences, axis=0)  # [N]: per image, over the seeds both rows have
     low, high = bootstrap_interval(pooled)
     summary['pooled'] = {'difference': 100 * pooled.mean(), 'ci_low': 100 * low, 'ci_high': 100 * high,

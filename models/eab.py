@@ -112,7 +112,7 @@ class GridShift:
         groups = self.groups
         width = C // groups
         g = width // 5  # channels per slice; the rest of each group stays in place
-        if self.operator is not None:
+        if self.operator is not None:  # assembled with cat: writes into slices export as scatters
             x = tokens.view(B, N, groups, width)
             # the four moving slices side by side: [B, 4, N, groups * g]
             moving = x[..., :4 * g].unflatten(-1, (4, g)).permute(0, 3, 1, 2, 4).reshape(B, 4, N, groups * g)
