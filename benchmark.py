@@ -232,7 +232,7 @@ def benchmark_training(args, device, autocast, images) -> Dict[str, float]:
         loss.backward()
         timm_opt.step()
 
-    our_step = sdt2net_training_step(ours, autocast, x, y, target_gflops=3.0)
+    our_step = sdt2net_training_step(ours, autocast, x, y, target_flops=3.0)
     step = measure({'timm': timm_step, 'ours': our_step}, device, args.warmup, args.repeats)
     ratio = step['ours'] / step['timm']
     results['train step / timm'] = ratio
@@ -244,7 +244,7 @@ def benchmark_training(args, device, autocast, images) -> Dict[str, float]:
 
 
 def sdt2net_training_step(model: models.SDT2Net, autocast, x: torch.Tensor, y: torch.Tensor,
-                          target_gflops: float) -> Callable[[], None]:
+                          target_flops: float) -> Callable[[], None]:
     """One step as a search runs it: forward, FLOPs penalty, backward, weight and rate optimizers."""
     weight_opt = torch.optim.AdamW(model.weight_parameters(), lr=1e-5)
     arch_opt = torch.optim.AdamW(model.arch_parameters(), lr=1e-3)
@@ -252,7 +252,7 @@ def sdt2net_training_step(model: models.SDT2Net, autocast, x: torch.Tensor, y: t
     def step():
         with autocast():
             loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss = loss + flops_penalty(model.flops(), target_gflops=target_gflops, weight=5.0)
+        loss = loss + flops_penalty(model.flops(), target_flops=target_flops, flops_lambda=5.0)
         weight_opt.zero_grad()
         arch_opt.zero_grad()
         loss.backward()
@@ -264,7 +264,7 @@ def sdt2net_training_step(model: models.SDT2Net, autocast, x: torch.Tensor, y: t
 def count_synchronisations(autocast, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
     """CUDA synchronisations of one search step and one fine-tuning step of SDT2Net-S with EAB+FTF."""
     model = timm.create_model('sdt2net_small_patch16_224', num_classes=1000).to(x.device).train()
-    step = sdt2net_training_step(model, autocast, x, y, target_gflops=5.7)
+    step = sdt2net_training_step(model, autocast, x, y, target_flops=5.7)
     step()  # optimizer state is created on the first step
     search = cuda_synchronisations(step)
     model.fix_schedule(vit_s_2_9_schedule())

@@ -27,10 +27,25 @@ class Precision:
 
 @dataclass
 class SearchObjective:
-    """Which parameters a step updates and the FLOPs budget they answer to."""
+    """Which parameters a step updates and the FLOPs budget they answer to.
+
+    The budget is `target_flops` GFLOPs, or, while annealing, a line from `start_flops` at step 0
+    to `target_flops` at step `anneal_steps` (steps counted over the whole run from `first_step`,
+    the first step of this epoch).
+    """
     mode: str                 # 'alternate' | 'joint' | 'arch' | 'weights'
-    target_gflops: float
-    flops_weight: float       # lambda; 0 during the optional compression-rate warm-up
+    target_flops: float       # GFLOPs
+    flops_lambda: float       # 0 during the optional compression-rate warm-up
+    start_flops: Optional[float] = None
+    anneal_steps: int = 0
+    first_step: int = 0
+
+    def budget(self, step: int) -> float:
+        """GFLOPs budget of step `step` of this epoch."""
+        if self.start_flops is None or self.anneal_steps <= 0:
+            return self.target_flops
+        progress = min(1.0, (self.first_step + step) / self.anneal_steps)
+        return self.start_flops + progress * (self.target_flops - self.start_flops)
 
     def stepped_groups(self, step: int) -> Tuple[str, ...]:
         """Optimizers to step after this step's backward: alternate switches every step, joint
@@ -73,7 +88,7 @@ def train_one_epoch(model: nn.Module, *, criterion: nn.Module, loader: Iterable,
         flops = core.flops()
         loss = cls_loss.float()
         if objective.mode != 'weights':
-            loss = loss + flops_penalty(flops, objective.target_gflops, objective.flops_weight)
+            loss = loss + flops_penalty(flops, objective.budget(step), objective.flops_lambda)
         finite &= torch.isfinite(loss)
 
         groups = objective.stepped_groups(step)
@@ -103,7 +118,7 @@ def train_one_epoch(model: nn.Module, *, criterion: nn.Module, loader: Iterable,
                                          f'between steps {last_checked + 1} and {step}')
             last_checked = step
             logger.update(loss=loss.item(), cls_loss=cls_loss.item(),
-                          gflops=flops.item() / 1e9,
+                          gflops=flops.item() / 1e9, budget=objective.budget(step),
                           lr=optimizers['weights'].param_groups[0]['lr'] if 'weights' in optimizers else 0.0)
     return {'loss': float(loss_sum) / max(num_steps, 1), 'gflops': float(core.flops().detach()) / 1e9,
             **{k: v for k, v in logger.averages().items() if k not in ('loss', 'gflops')}}

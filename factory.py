@@ -19,7 +19,7 @@ SCHEDULE_VARIANTS = ('as-is', 'prune-only', 'merge-only')
 
 # The arguments that define the network and its evaluation transform (what a release file keeps).
 MODEL_ARGUMENTS = ('model', 'input_size', 'drop', 'drop_path', 'no_eab', 'no_ftf', 'eab_ratio', 'eab_groups',
-                   'eab_shift', 'eab_separate', 'granularity')
+                   'eab_shift', 'eab_separate', 'granularity', 'merge_rule')
 
 
 def create_model(args, num_classes: int) -> models.SDT2Net:
@@ -29,7 +29,8 @@ def create_model(args, num_classes: int) -> models.SDT2Net:
             args.model, pretrained=args.pretrained, num_classes=num_classes, img_size=args.input_size,
             drop_rate=args.drop, drop_path_rate=args.drop_path, eab=not args.no_eab, ftf=not args.no_ftf,
             eab_ratio=args.eab_ratio, eab_groups=args.eab_groups, eab_shift=getattr(args, 'eab_shift', 2),
-            eab_shared=not getattr(args, 'eab_separate', False), granularity=args.granularity)
+            eab_shared=not getattr(args, 'eab_separate', False), granularity=args.granularity,
+            merge_rule=getattr(args, 'merge_rule', 'size-weighted'))
     except (OSError, RuntimeError) as error:  # hub download failures surface as these
         if not args.pretrained:
             raise

@@ -14,6 +14,7 @@ def build_criterion(mixup_active: bool, smoothing: float) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def flops_penalty(flops: torch.Tensor, target_gflops: float, weight: float) -> torch.Tensor:
-    """weight * (flops / 1e9 - target)^2, the budget term of SDT2Net / DiffRate."""
-    return weight * (flops / 1e9 - target_gflops) ** 2
+def flops_penalty(flops: torch.Tensor, target_flops: float, flops_lambda: float) -> torch.Tensor:
+    """flops_lambda * (flops / 1e9 - target_flops)^2, the budget term of SDT2Net / DiffRate
+    (flops in FLOPs, target_flops in GFLOPs)."""
+    return flops_lambda * (flops / 1e9 - target_flops) ** 2

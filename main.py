@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 import models
 from models.rates import SEARCH_STARTS
+from models.token_ops import MERGE_RULES
 from compression_schedule import DEFAULT_FILE, diffrate_key, save_schedule
 from datasets import UnreadableImageError, build_dataset, build_samplers, check_images
 from factory import (FIXED_SCHEDULES, SCHEDULE_VARIANTS, create_model, load_weights, model_state, resolve_schedule,
@@ -86,7 +87,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                         '(frozen weights, DiffRate\'s search); weights: weights only (fixed schedule)')
     g.add_argument('--search-start', default='uniform', choices=SEARCH_STARTS,
                    help='where a new search starts: DiffRate\'s uniform distributions (about half the tokens '
-                        'kept) or nearly all mass on keeping every token')
+                        'kept), nearly all mass on keeping every token, or the geometric merge schedule at '
+                        '--search-start-flops (every stage at its own count)')
+    g.add_argument('--search-start-flops', type=float, default=None,
+                   help='GFLOPs of the geometric start (default: --target_flops)')
+    g.add_argument('--anneal-epochs', type=float, default=0.0,
+                   help='the budget slides linearly from the start\'s FLOPs to --target_flops over this many '
+                        'epochs (0: the target from the first step, as DiffRate)')
+    g.add_argument('--merge-rule', default='size-weighted', choices=MERGE_RULES,
+                   help='size-weighted: merged token = size-weighted mean, sizes add up (ToMe); diffrate: '
+                        'DiffRate\'s plain mean with sizes scaled by similarity (clamped to 1 in training)')
     g.add_argument('--warmup_compression_rate', action='store_true', help='no FLOPs penalty in the first epoch')
     g.add_argument('--load_compression_rate', action='store_true',
                    help='fix the schedule of --model at --target_flops from --compression-rate-file')
@@ -174,7 +184,7 @@ def validate_args(args, parser: argparse.ArgumentParser) -> None:
         if value < low:
             parser.error(f'{name} must be at least {low}, got {value}')
     for name, value in (('--lr', args.lr), ('--arch-lr', args.arch_lr), ('--flops-lambda', args.flops_lambda),
-                        ('--target_flops', args.target_flops)):
+                        ('--target_flops', args.target_flops), ('--anneal-epochs', args.anneal_epochs)):
         if not value >= 0:
             parser.error(f'{name} must be a non-negative number, got {value}')
     fixed = args.load_compression_rate or args.fixed_schedule
@@ -272,6 +282,19 @@ def shape_setting_mismatch(path: str, state: Dict, args) -> Optional[str]:
     return None
 
 
+def start_search(model: models.SDT2Net, start: str, start_flops: float) -> None:
+    """Set the rates of a new search to its start: uniform, dense, or the geometric merge schedule
+    at `start_flops` GFLOPs."""
+    if start != 'geometric':
+        model.rates.reset(start)
+        return
+    try:
+        schedule = models.uniform_schedule(model.shape(), start_flops, mode='merge', spacing='ratio')
+    except ValueError as error:
+        raise UserError(f'--search-start geometric: {error}') from None
+    model.rates.start_at(schedule)
+
+
 def restore_training_state(state: Dict, optimizers, schedulers, precision, model_ema) -> Tuple[int, float]:
     """Optimizers, schedules, scaler, EMA and RNG of a resumed run; (first epoch, best top-1)."""
     for name, optimizer in optimizers.items():
@@ -315,8 +338,8 @@ def main(args, cleanup: contextlib.ExitStack) -> None:
     if resumed is not None:
         load_resumed_model(model, resumed, resume, args, class_names)
         print(f'resumed from {resume} (epoch {resumed["epoch"]})')
-    else:
-        model.rates.reset(args.search_start)
+    elif not (args.eval or args.load_compression_rate or args.fixed_schedule):
+        start_search(model, args.search_start, args.search_start_flops or args.target_flops)
     model.to(device)
 
     # 2. the schedule, decided once every weight is in place
@@ -327,6 +350,8 @@ def main(args, cleanup: contextlib.ExitStack) -> None:
     if schedule is None and not args.eval and not gflops_min <= args.target_flops <= gflops_dense:
         raise UserError(f'--target_flops {args.target_flops} is outside what {args.model} can reach at '
                         f'{args.input_size} px: [{gflops_min:.3f}, {gflops_dense:.3f}] GFLOPs')
+    # the FLOPs an annealed budget starts from: the search's start, kept through resumes
+    anneal_from = resumed.get('anneal_from') if resumed is not None else float(model.flops().detach()) / 1e9
     set_trainable(model, search_mode)
     n_parameters = sum(p.numel() for p in model.weight_parameters())
     print(f'model {args.model}: {n_parameters / 1e6:.2f} M parameters, {num_classes} classes, '
@@ -392,7 +417,9 @@ def main(args, cleanup: contextlib.ExitStack) -> None:
         for scheduler in schedulers.values():
             scheduler.step(epoch)
         warm = args.warmup_compression_rate and epoch == 0
-        objective = SearchObjective(search_mode, args.target_flops, 0.0 if warm else args.flops_lambda)
+        objective = SearchObjective(search_mode, args.target_flops, 0.0 if warm else args.flops_lambda,
+                                    start_flops=anneal_from, anneal_steps=round(args.anneal_epochs * len(train_loader)),
+                                    first_step=epoch * len(train_loader))
         train_stats = train_one_epoch(
             model, criterion=criterion, loader=train_loader, num_steps=len(train_loader), optimizers=optimizers,
             objective=objective, device=device, precision=precision, epoch=epoch, mixup_fn=mixup_fn,
@@ -418,7 +445,7 @@ def main(args, cleanup: contextlib.ExitStack) -> None:
         if args.output_dir and is_main_process():
             summary = {k: v for k, v in test_stats.items() if isinstance(v, float)}
             save_epoch(args, core, optimizers, schedulers, precision, model_ema, epoch, best_acc, is_best,
-                       class_names, run_id, summary)
+                       class_names, run_id, summary, anneal_from)
             record = {'run_id': run_id, **{f'train_{k}': v for k, v in train_stats.items()},
                       **{f'test_{k}': v for k, v in test_stats.items()
                          if k != 'confusion_matrix' and not k.startswith('per_class')},
@@ -470,7 +497,7 @@ def check_checkpoint_fits(state: Dict, path: str, args, class_names) -> None:
 
 
 def save_epoch(args, model, optimizers, schedulers, precision, model_ema, epoch, best_acc, is_best,
-               class_names, run_id: str, metrics: Dict[str, float]) -> None:
+               class_names, run_id: str, metrics: Dict[str, float], anneal_from: Optional[float]) -> None:
     """checkpoint.pth (everything a resume needs), model_best.pth (what evaluation needs), both
     atomic, and the schedule in compression_rate.json format."""
     schedule = model.schedule()
@@ -481,7 +508,7 @@ def save_epoch(args, model, optimizers, schedulers, precision, model_ema, epoch,
         'schedulers': {k: s.state_dict() for k, s in schedulers.items()},
         'scaler': precision.scaler.state_dict() if precision.scaler is not None else None,
         'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
-        'epoch': epoch, 'best_acc': best_acc, 'rng': rng_state(), 'run_id': run_id,
+        'epoch': epoch, 'best_acc': best_acc, 'rng': rng_state(), 'run_id': run_id, 'anneal_from': anneal_from,
     }
     path = os.path.join(args.output_dir, 'checkpoint.pth')
     atomic_torch_save(state, path)

@@ -18,7 +18,7 @@ def ste_ceil(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.ceil(x) - x).detach()
 
 
-SEARCH_STARTS = ('uniform', 'dense')
+SEARCH_STARTS = ('uniform', 'dense', 'geometric')
 
 
 class CompressionRates(nn.Module):
@@ -58,9 +58,10 @@ class CompressionRates(nn.Module):
 
     def reset(self, start: str = 'uniform') -> None:
         """Restart the distributions: 'uniform' (DiffRate's start: every candidate equally likely,
-        about half the tokens kept) or 'dense' (95% of the mass on keeping every token)."""
-        if start not in SEARCH_STARTS:
-            raise ValueError(f'search start must be one of {SEARCH_STARTS}, got {start!r}')
+        about half the tokens kept) or 'dense' (95% of the mass on keeping every token). A start
+        at a given schedule is `start_at`."""
+        if start not in ('uniform', 'dense'):
+            raise ValueError(f'search start must be uniform or dense, got {start!r}')
         with torch.no_grad():
             self.logits.zero_()
             if start == 'dense':
@@ -68,6 +69,29 @@ class CompressionRates(nn.Module):
                 # of the tokens): nearer to 100% the softmax saturates, and the search would need
                 # hundreds of steps before its counts move at all.
                 self.logits[:, 0] = math.log(self.logits.shape[1]) + 3.0
+
+    def start_at(self, schedule: Schedule) -> None:
+        """Restart the distributions peaked at `schedule`'s counts, every stage at its own count
+        (DiffRate's uniform start puts them all at one). Each stage's logits are
+        -2 |candidate - centre| / g: neighbouring candidates keep e^-2 of the mass per step of g,
+        so the search can still move them; the centre is found by bisection so that the
+        expectation is the count - 0.5, which the straight-through ceil reads as the count.
+        Raises ValueError if the schedule does not fit."""
+        schedule.check(self.depth, self.num_patches)
+        wanted = torch.tensor(schedule.stages(), dtype=torch.float64) - 0.5  # [S]
+        candidates = self.candidates.double()
+        step = float(candidates[0] - candidates[1]) if len(candidates) > 1 else 1.0
+
+        def logits(centre: torch.Tensor) -> torch.Tensor:  # [S] -> [S, K]
+            return -2.0 * (candidates[None] - centre[:, None]).abs() / step
+
+        low, high = wanted - 2 * self.num_patches, wanted + 2 * self.num_patches
+        for _ in range(60):  # the expectation grows with the centre
+            middle = (low + high) / 2
+            above = logits(middle).softmax(-1) @ candidates > wanted
+            low, high = torch.where(above, low, middle), torch.where(above, middle, high)
+        with torch.no_grad():
+            self.logits.copy_(logits((low + high) / 2).to(self.logits))
 
     def stage_patches(self) -> torch.Tensor:
         """Kept patch count of every stage, [2 * (depth - 1)], integer-valued, differentiable.
@@ -107,7 +131,10 @@ class CompressionRates(nn.Module):
 
         Forward: a stage zeroes the positions it removes itself, (its count, the count before it],
         and leaves 1 everywhere else; the block multiplies its stages' masks into the running mask.
-        Backward: gradient of P(position kept) = sum of probabilities of candidates >= position.
+        Backward: gradient of P(position kept) = sum of probabilities of candidates >= position,
+        only for a stage that removes tokens (its count below the tokens still alive). As in
+        DiffRate (deit.py: `if prune_kept_num < last_token_number`), a stage held by an earlier,
+        smaller count has a constant mask of ones: it feels the budget, not the task loss.
         NOTE positions removed by another stage must read 1 here, not 0: in the product
         mask = previous * prune * merge, d mask / d prune at a pruned position is merge's value
         there, so a merge mask of 0 beyond the prune count would hide from the prune distribution
@@ -115,13 +142,14 @@ class CompressionRates(nn.Module):
         The counts are hard_stage_patches' own device tensor: copying the host's list over would
         synchronise the GPU in every training step.
         """
-        counts = self._hard_counts()[0]  # [S], integer-valued
+        counts = self._hard_counts()[0]  # [S], integer-valued, a running minimum
         before = torch.cat([counts.new_full((1,), self.num_patches), counts[:-1]])  # [S]
         positions = self.positions[None]  # [1, N+1]
         removed = (positions > counts[:, None]) & (positions <= before[:, None])  # [S, N+1]
         hard = (~removed).to(self.logits.dtype)
         soft = self.logits.softmax(dim=-1) @ self.keeps_position.T.to(self.logits.dtype)  # [S, N+1]
-        soft = torch.where((self.fixed >= 0)[:, None], hard, soft)
+        constant = (self.fixed >= 0) | (counts >= before)  # [S]: fixed, or removes nothing
+        soft = torch.where(constant[:, None], hard, soft)
         return hard + soft - soft.detach()
 
     def fix(self, schedule: Schedule) -> None:

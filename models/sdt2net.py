@@ -19,7 +19,7 @@ from .flops import ModelShape, analytic_flops
 from .ftf import SecondOrderHead
 from .rates import CompressionRates
 from .schedule import Schedule
-from .token_ops import TokenState, compress
+from .token_ops import MERGE_RULES, TokenState, compress
 
 
 class SDT2NetAttention(Attention):
@@ -48,10 +48,15 @@ class SDT2NetAttention(Attention):
             if bias is not None:
                 logits = logits + bias
             # softmax restricted to alive keys, written so that d(attn)/d(mask) exists:
-            # attn_ij = p_ij m_j / sum_k p_ik m_k with p the plain softmax (one fused kernel).
+            # attn_ij = p_ij m'_ij / sum_k p_ik m'_ik with p the plain softmax (one fused kernel) and
+            # m'_ij = m_j off the diagonal, 1 on it: as DiffRate's softmax_with_policy, a token always
+            # sees itself, so a key's mask gradient comes from the other queries only (alive tokens
+            # have m = 1 either way; a masked query attends to itself alone).
             # NOTE multiplying by the reciprocal of the [B, H, N, 1] sums is cheaper than a division
             # of the [B, H, N, N] map, forward and backward.
-            weights = logits.softmax(dim=-1) * state.mask.to(logits.dtype)[:, None, None, :]
+            eye = torch.eye(N, dtype=logits.dtype, device=logits.device)  # [N, N]
+            keep = state.mask.to(logits.dtype)[:, None, :] * (1 - eye) + eye  # [B, N, N]
+            weights = logits.softmax(dim=-1) * keep[:, None]
             attn = weights * weights.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny).reciprocal()
             if need_importance:
                 importance = attn[:, :, 0, 1:].mean(dim=1)
@@ -78,10 +83,11 @@ class SDT2NetBlock(Block):
     """Pre-norm transformer block: attention (with EAB), token compression, MLP."""
 
     def __init__(self, dim: int, num_heads: int, *, eab_ratio: Optional[float] = None, eab_groups: int = 1,
-                 eab_shift: int = 2, eab_shared: bool = True, **kwargs) -> None:
+                 eab_shift: int = 2, eab_shared: bool = True, merge_rule: str = 'size-weighted', **kwargs) -> None:
         kwargs['attn_layer'] = SDT2NetAttention
         super().__init__(dim, num_heads, **kwargs)
         self.eab = EfficientAttentionShift(dim, eab_ratio, eab_groups, eab_shift, eab_shared) if eab_ratio else None
+        self.merge_rule = merge_rule
 
     def forward(self, x: torch.Tensor, state: TokenState, kept: Optional[Tuple[int, int]] = None,
                 keep_masks: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, TokenState]:
@@ -90,7 +96,7 @@ class SDT2NetBlock(Block):
         attn_out, importance = self.attn(self.norm1(x), state, self.eab, need_importance=compresses)
         x = x + self.drop_path1(self.ls1(attn_out))
         if compresses:
-            x, state = compress(x, state, importance, kept[0], kept[1], keep_masks)
+            x, state = compress(x, state, importance, kept[0], kept[1], keep_masks, self.merge_rule)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, state
 
@@ -101,17 +107,20 @@ class SDT2Net(VisionTransformer):
     Extra arguments: eab (bool), eab_ratio (SCM expansion, official 2), eab_groups (1, or e.g.
     num_heads for the cheap grouped variant), eab_shift (patches the SCM shifts by, official 2,
     ELAN 1), eab_shared (one SCM for q and k, official; False: one each), ftf (bool), ftf_dim
-    (48), granularity (candidate step).
+    (48), granularity (candidate step), merge_rule ('size-weighted', or DiffRate's 'diffrate':
+    see token_ops.merge_into).
     """
 
     def __init__(self, *, eab: bool = True, eab_ratio: float = 2.0, eab_groups: int = 1, eab_shift: int = 2,
                  eab_shared: bool = True, ftf: bool = True, ftf_dim: int = 48, granularity: int = 4,
-                 **kwargs) -> None:
+                 merge_rule: str = 'size-weighted', **kwargs) -> None:
         kwargs.setdefault('global_pool', 'token')
         if kwargs['global_pool'] != 'token' or not kwargs.get('class_token', True) or kwargs.get('reg_tokens', 0):
             raise ValueError('SDT2Net needs a class token and token pooling (no register tokens)')
+        if merge_rule not in MERGE_RULES:
+            raise ValueError(f'merge_rule must be one of {MERGE_RULES}, got {merge_rule!r}')
         block_fn = partial(SDT2NetBlock, eab_ratio=eab_ratio if eab else None, eab_groups=eab_groups,
-                           eab_shift=eab_shift, eab_shared=eab_shared)
+                           eab_shift=eab_shift, eab_shared=eab_shared, merge_rule=merge_rule)
         super().__init__(block_fn=block_fn, **kwargs)
         self.eab_ratio = eab_ratio if eab else 0.0
         self.eab_groups = eab_groups

@@ -88,38 +88,67 @@ def sort_by_importance(importance: torch.Tensor, alive: int) -> torch.Tensor:
     return torch.sort(scores, dim=1, descending=True, stable=True).indices
 
 
-def match_merge_targets(x: torch.Tensor, kept: int, end: int) -> torch.Tensor:
+MERGE_RULES = ('size-weighted', 'diffrate')
+
+
+def match_merge_targets(x: torch.Tensor, kept: int, end: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """For tokens kept..end-1, the most similar (cosine) token among 1..kept-1.
 
-    x: [B, N, C] sorted tokens. Returns dst: [B, end - kept] indices in [1, kept).
-    The class token is never a destination.
+    x: [B, N, C] sorted tokens. Returns dst: [B, end - kept] indices in [1, kept), and the
+    cosine similarity to it, [B, end - kept]. The class token is never a destination.
     """
     with torch.no_grad():
         metric = F.normalize(x[:, 1:end].float(), dim=-1)
         similarity = metric[:, kept - 1:] @ metric[:, :kept - 1].transpose(1, 2)  # [B, end-kept, kept-1]
-        return similarity.argmax(dim=-1) + 1
+        best, index = similarity.max(dim=-1)
+        return index + 1, best
 
 
-def merge_into(x: torch.Tensor, size: torch.Tensor, dst: torch.Tensor, kept: int, end: int):
-    """Fold tokens kept..end-1 into their destinations: size-weighted mean, sizes add up.
+def merge_into(x: torch.Tensor, size: torch.Tensor, dst: torch.Tensor, kept: int, end: int,
+               rule: str = 'size-weighted', similarity: Optional[torch.Tensor] = None,
+               training: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold tokens kept..end-1 into their destinations.
 
-    x: [B, N, C], size: [B, N, 1], dst: [B, end - kept]. Returns the new first `kept` tokens
-    and their sizes: [B, kept, C], [B, kept, 1].
+    x: [B, N, C], size: [B, N, 1], dst and similarity: [B, end - kept]. Returns the new first
+    `kept` tokens and their sizes, [B, kept, C] and [B, kept, 1], and the sizes the merged-away
+    tokens carry on in training (masked), [B, end - kept, 1].
+    rule 'size-weighted': the size-weighted mean of the tokens, sizes add up (ToMe).
+    rule 'diffrate': DiffRate's merge (deit.py): the plain mean of the tokens, and each source's
+    size scaled by its similarity to the destination before the sizes add up; in training every
+    size is clamped to at least 1 first (the masked sources keep their scaled sizes, which their
+    mask gradients see through the proportional attention), in evaluation not. NOTE evaluation
+    then clamps the sums to a positive minimum, where DiffRate would take log(size <= 0) = NaN for
+    a destination whose sources point away from it.
     """
-    weighted = add_rows(x[:, :kept] * size[:, :kept], dst, x[:, kept:end] * size[:, kept:end])
-    merged_size = size[:, :kept].scatter_add(1, dst[..., None], size[:, kept:end])
-    return weighted / merged_size, merged_size
+    src, src_size = x[:, kept:end], size[:, kept:end]
+    if rule == 'size-weighted':
+        weighted = add_rows(x[:, :kept] * size[:, :kept], dst, src * src_size)
+        merged_size = size[:, :kept].scatter_add(1, dst[..., None], src_size)
+        return weighted / merged_size, merged_size, src_size
+    if rule != 'diffrate':
+        raise ValueError(f'merge rule must be one of {MERGE_RULES}, got {rule!r}')
+    ones = size.new_ones(*dst.shape, 1)  # [B, end - kept, 1]
+    members = size.new_ones(size.shape[0], kept, 1).scatter_add(1, dst[..., None], ones)  # tokens per destination
+    merged = add_rows(x[:, :kept], dst, src) / members.to(x.dtype)  # [B, kept, C]
+    dst_size, src_size = size[:, :kept], src_size * similarity[..., None].to(size.dtype)
+    if training:
+        dst_size, src_size = dst_size.clamp(min=1), src_size.clamp(min=1)
+    merged_size = dst_size.scatter_add(1, dst[..., None], src_size)
+    if not training:
+        merged_size = merged_size.clamp(min=torch.finfo(merged_size.dtype).tiny)
+    return merged, merged_size, src_size
 
 
 def compress(x: torch.Tensor, state: TokenState, importance: torch.Tensor,
              prune_kept: int, merge_kept: int,
-             keep_masks: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-             ) -> Tuple[torch.Tensor, TokenState]:
+             keep_masks: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+             merge_rule: str = 'size-weighted') -> Tuple[torch.Tensor, TokenState]:
     """Sort by importance, prune to `prune_kept` tokens, then merge down to `merge_kept`.
 
     x: [B, N, C]; importance: [B, N - 1]; kept counts include the class token.
     keep_masks: training only, the (prune, merge) straight-through masks over positions, [N + 1]
     each (position 0 = class token); without it tokens are removed.
+    merge_rule: see `merge_into`.
     """
     B, N = x.shape[:2]
     training = keep_masks is not None
@@ -132,11 +161,12 @@ def compress(x: torch.Tensor, state: TokenState, importance: torch.Tensor,
 
     dst = None
     if merge_kept < prune_kept:
-        dst = match_merge_targets(x, merge_kept, prune_kept)
-        merged, merged_size = merge_into(x, size, dst, merge_kept, prune_kept)
+        dst, similarity = match_merge_targets(x, merge_kept, prune_kept)
+        merged, merged_size, source_size = merge_into(x, size, dst, merge_kept, prune_kept, merge_rule, similarity,
+                                                      training)
         if training:  # merged-away and pruned tokens stay in place, masked
             x = torch.cat([merged, x[:, merge_kept:]], dim=1)
-            size = torch.cat([merged_size, size[:, merge_kept:]], dim=1)
+            size = torch.cat([merged_size, source_size, size[:, prune_kept:]], dim=1)
         else:
             x, size = merged, merged_size
 

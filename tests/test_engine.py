@@ -26,7 +26,7 @@ def test_search_modes_update_the_right_parameters(mode, weights_move, rates_move
     loader = [(torch.randn(4, 3, 64, 64), torch.randint(0, 5, (4,))) for _ in range(4)]
     stats = train_one_epoch(model, criterion=torch.nn.CrossEntropyLoss(), loader=loader, num_steps=len(loader),
                             optimizers=optimizers, device=torch.device('cpu'), precision=Precision('cpu', None),
-                            objective=SearchObjective(mode, target_gflops=0.001, flops_weight=5.0), epoch=0,
+                            objective=SearchObjective(mode, target_flops=0.001, flops_lambda=5.0), epoch=0,
                             print_freq=100)
     assert torch.isfinite(torch.tensor(stats['loss']))
     assert (not torch.equal(model.head.weight, weights_before)) == weights_move
