@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= output/demo
 
-.PHONY: test demo bench clean
+.PHONY: test test-bad-input demo bench clean
 
 $(VENV)/.installed: requirements.txt requirements-export.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(VENV)/.installed: requirements.txt requirements-export.txt
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# the generated bad-input tests with many random examples (make test runs a small fixed set)
+test-bad-input: $(VENV)/.installed
+	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest -q tests/test_bad_input.py
 
 demo: $(VENV)/.installed
 	$(PY) main.py --data-set synthetic --model sdt2net_tiny_patch16_224 --input-size 64 --epochs 2 \

@@ -9,23 +9,23 @@ See docs/benchmark.md for what each step should show, predicted against measured
 """
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
+import copy
 import json
 import os
-import statistics
 import tempfile
 import warnings
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Tuple
 
 import timm
 import torch
 
-import models  # registers the SDT2Net models with timm
-from compression_schedule import load_schedule
-from losses import flops_penalty
-from models.ftf import add_ridge, eigh_sqrtm, pade_sqrtm, weighted_covariance
-from utils import ArgumentParser, UserError, atomic_write_text, error_boundary, timed
+from sdt2net import models  # registers the SDT2Net models with timm
+from sdt2net.schedule_file import load_schedule
+from sdt2net.losses import flops_penalty
+from sdt2net.models.ftf import add_ridge, weighted_covariance
+from sdt2net.models.sqrtm import eigh_sqrtm, pade_sqrtm
+from sdt2net.timing import inference, measure, retain_freed_memory
+from sdt2net.utils import ArgumentParser, UserError, atomic_write_text, error_boundary
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = os.path.join(ROOT, '..', 'shared', 'reference', 'diffrate_compression_rate.json')
@@ -42,48 +42,10 @@ def vit_s_2_9_schedule() -> models.Schedule:
     return VIT_S_2_9
 
 
-def measure(cases: Dict[str, Callable[[], None]], device, warmup: int, repeats: int) -> Dict[str, float]:
-    """Median seconds per call of every case, measured round-robin."""
-    for fn in cases.values():
-        for _ in range(warmup):
-            fn()
-    times: Dict[str, List[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            times[name].append(timed(fn, device))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def inference(net: torch.nn.Module, images: torch.Tensor, autocast=contextlib.nullcontext) -> Callable[[], None]:
-    """One forward of net on images without gradients, as a case of `measure`."""
-    def run():
-        with torch.no_grad(), autocast():
-            net(images)
-    return run
-
-
 def sdt2net_small(eab: bool, ftf: bool, schedule: models.Schedule, device) -> models.SDT2Net:
     model = timm.create_model('sdt2net_small_patch16_224', eab=eab, ftf=ftf, num_classes=1000).to(device)
     model.fix_schedule(schedule)
     return model
-
-
-def retain_freed_memory() -> bool:
-    """Set glibc's mmap and trim thresholds to the values a training process reaches on its own.
-
-    glibc raises both thresholds each time it frees a large mmap-ed block; a model's activations
-    (tens of MB) take them to their maxima within the first step. A fresh process that only runs
-    small kernels keeps the defaults and hands freed memory back to the OS, so the temporaries of
-    the Pade root page-fault again (docs/benchmark.md measures it).
-    Fixing the thresholds up front makes each part measure what it costs inside training, whatever
-    ran before it. Returns False where the C library is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library('c'))
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 64 << 20))
-    except (OSError, AttributeError, TypeError):
-        return False
 
 
 @error_boundary
@@ -100,8 +62,9 @@ def main(argv=None) -> None:
     parser.add_argument('--parts', nargs='+', default=['inference', 'train', 'sqrt'],
                         choices=['inference', 'train', 'sqrt', 'onnx'],
                         help='which benchmarks to run (onnx: onnxruntime against PyTorch, needs requirements-export.txt)')
-    parser.add_argument('--onnx-model', default='sdt2net_small_patch16_224', help='model of the onnx part (EAB+FTF)')
-    parser.add_argument('--onnx-input-size', type=int, default=224, help='image size of the onnx part')
+    parser.add_argument('--onnx-settings', nargs='+', default=['small', 'tiny'], choices=sorted(ONNX_SETTINGS),
+                        help='deployments of the onnx part: DeiT-S at 224 px, DeiT-Tiny at 112 px')
+    parser.add_argument('--onnx-input-size', type=int, default=0, help='image size of the onnx part (0: the setting\'s)')
     parser.add_argument('--onnx-no-optimize', action='store_true',
                         help="export without onnxscript's graph optimiser (export.py onnx --no-optimize)")
     parser.add_argument('--json', default='', help='also write the results here')
@@ -186,33 +149,83 @@ def inference_ratios(args, device, autocast, nets: Dict[str, torch.nn.Module], f
     return results
 
 
+# The deployments the onnx part compares: our model, timm's DeiT of the same width, image size.
+ONNX_SETTINGS = {'small': ('sdt2net_small_patch16_224', 'deit_small_patch16_224', 224),
+                 'tiny': ('sdt2net_tiny_patch16_224', 'deit_tiny_patch16_224', 112)}
+
+
+def onnx_nets(setting: str, size: int) -> Tuple[Dict[str, torch.nn.Module], Dict[str, float]]:
+    """The exported models of one setting and their GFLOPs: timm's DeiT, ours dense and compressed
+    with EAB/FTF off and on, and ours with EAB+FTF at the DeiT's FLOPs. Compressed: DiffRate's
+    ViT-S-DeiT 2.9 schedule for DeiT-S at 224 px, else the same-fraction merge schedule at half
+    the dense FLOPs."""
+    ours, deit, _ = ONNX_SETTINGS[setting]
+    nets: Dict[str, torch.nn.Module] = {'timm': timm.create_model(deit, img_size=size, num_classes=1000).eval()}
+    for eab_ftf in (False, True):
+        variant = 'EAB+FTF' if eab_ftf else 'EAB/FTF off'
+        model = timm.create_model(ours, img_size=size, num_classes=1000, eab=eab_ftf, ftf=eab_ftf).eval()
+        shape = model.shape()
+        dense = models.Schedule.dense(shape.depth, shape.num_patches)
+        compressed = vit_s_2_9_schedule() if (setting, size) == ('small', 224) else \
+            models.uniform_schedule(shape, dense.flops(shape) / 2e9, 'merge', 'ratio')
+        for name, schedule in (('dense', dense), ('compressed', compressed)):
+            net = copy.deepcopy(model)
+            net.fix_schedule(schedule)
+            nets[f'{name} {variant}'] = net
+    deit_gflops = float(nets['dense EAB/FTF off'].flops()) / 1e9  # = timm's DeiT (analytic = fvcore)
+    same = copy.deepcopy(nets['dense EAB+FTF'])
+    shape = same.shape()
+    try:  # ToMe's schedule where it reaches, else the same fraction
+        same.fix_schedule(models.uniform_schedule(shape, deit_gflops, 'merge', 'count'))
+    except ValueError:
+        same.fix_schedule(models.uniform_schedule(shape, deit_gflops, 'merge', 'ratio'))
+    nets['EAB+FTF at DeiT FLOPs'] = same
+    gflops = {name: deit_gflops if name == 'timm' else float(net.flops()) / 1e9 for name, net in nets.items()}
+    return nets, gflops
+
+
 def benchmark_onnx(args) -> Dict[str, float]:
-    """onnxruntime against PyTorch eager on the CPU with the same threads: --onnx-model with EAB
-    and FTF under the same-fraction merge schedule at 60% of its dense FLOPs, exported as
-    export.py does, at every batch size of --inference-batches."""
+    """The deployed runtime: every model of each --onnx-settings exported as export.py does and
+    timed in onnxruntime, interleaved, at every batch size of --inference-batches; the compressed
+    graphs' speedup over the dense ones against their FLOPs ratio, the EAB+FTF model at the DeiT's
+    FLOPs against timm's exported DeiT, and onnxruntime against eager PyTorch."""
     import onnxruntime
-    from export import export_onnx, onnx_runner
-    model = timm.create_model(args.onnx_model, img_size=args.onnx_input_size, num_classes=1000).eval()
-    shape = model.shape()
-    dense = models.Schedule.dense(shape.depth, shape.num_patches).flops(shape) / 1e9
-    model.fix_schedule(models.uniform_schedule(shape, 0.6 * dense, 'merge', 'ratio'))
+    from sdt2net.onnx_export import export_onnx, onnx_runner
     results = {}
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, 'model.onnx')
-        export_onnx(model, path, args.onnx_input_size, optimize=not args.onnx_no_optimize)
-        runner = onnx_runner(path, threads=torch.get_num_threads())
-        print(f'\nonnxruntime {onnxruntime.__version__} against PyTorch eager, {args.onnx_model} (EAB+FTF) at '
-              f'{args.onnx_input_size} px, {float(model.flops()) / 1e9:.3f} GFLOPs, CPU, '
-              f'{torch.get_num_threads()} threads, graph {"not " if args.onnx_no_optimize else ""}optimised')
-        for batch in args.inference_batches:
-            images = torch.randn(batch, 3, args.onnx_input_size, args.onnx_input_size)
-            feed = {'images': images.numpy()}
-            seconds = measure({'eager': inference(model, images), 'onnxruntime': lambda: runner.run(None, feed)},
-                              torch.device('cpu'), args.warmup, args.repeats)
-            speedup = seconds['eager'] / seconds['onnxruntime']
-            results[f'onnxruntime speedup over eager batch {batch}'] = speedup
-            print(f'batch {batch}: eager {seconds["eager"] * 1e3:.1f} ms, onnxruntime '
-                  f'{seconds["onnxruntime"] * 1e3:.1f} ms: {speedup:.2f}x')
+    for setting in args.onnx_settings:
+        size = args.onnx_input_size or ONNX_SETTINGS[setting][2]
+        nets, gflops = onnx_nets(setting, size)
+        with tempfile.TemporaryDirectory() as folder:
+            runners = {}
+            for name, net in nets.items():
+                path = os.path.join(folder, name.replace(' ', '_').replace('/', '-') + '.onnx')
+                export_onnx(net, path, size, optimize=not args.onnx_no_optimize)
+                runners[name] = onnx_runner(path, threads=torch.get_num_threads())
+            print(f'\nonnxruntime {onnxruntime.__version__}, {setting} at {size} px, CPU, {torch.get_num_threads()} '
+                  f'threads, graphs {"not " if args.onnx_no_optimize else ""}optimised')
+            for batch in args.inference_batches:
+                images = torch.randn(batch, 3, size, size)
+                feed = {'images': images.numpy()}
+                cases = {name: (lambda r=runner: r.run(None, feed)) for name, runner in runners.items()}
+                cases['eager compressed EAB+FTF'] = inference(nets['compressed EAB+FTF'], images)
+                seconds = measure(cases, torch.device('cpu'), args.warmup, args.repeats)
+                print(f'batch {batch}:')
+                for name in runners:
+                    print(f'  {name:26s} {gflops[name]:7.3f} GFLOPs {batch / seconds[name]:9.1f} img/s')
+                    results[f'onnx {setting} img/s {name} batch {batch}'] = batch / seconds[name]
+                for variant in ('EAB/FTF off', 'EAB+FTF'):
+                    speedup = seconds[f'dense {variant}'] / seconds[f'compressed {variant}']
+                    flops_ratio = gflops[f'dense {variant}'] / gflops[f'compressed {variant}']
+                    results[f'onnx {setting} speedup/flops-ratio {variant} batch {batch}'] = speedup / flops_ratio
+                    print(f'  compressed ({variant}): {speedup:.2f}x faster for {flops_ratio:.2f}x fewer FLOPs: '
+                          f'{speedup / flops_ratio:.2f} of the FLOPs ratio')
+                same = seconds['timm'] / seconds['EAB+FTF at DeiT FLOPs']
+                results[f'onnx {setting} EAB+FTF at DeiT FLOPs / timm batch {batch}'] = same
+                print(f'  EAB+FTF at {gflops["EAB+FTF at DeiT FLOPs"]:.3f} GFLOPs / timm DeiT at {gflops["timm"]:.3f}: '
+                      f'{same:.2f} of its throughput')
+                over_eager = seconds['eager compressed EAB+FTF'] / seconds['compressed EAB+FTF']
+                results[f'onnx {setting} onnxruntime over eager batch {batch}'] = over_eager
+                print(f'  onnxruntime over eager PyTorch (compressed EAB+FTF): {over_eager:.2f}x')
     return results
 
 

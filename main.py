@@ -7,10 +7,11 @@
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Tuple
 
 import timm
 import torch
@@ -20,20 +21,19 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-import models
-from models.rates import SEARCH_STARTS
-from models.token_ops import MERGE_RULES
-from compression_schedule import DEFAULT_FILE, diffrate_key, save_schedule
-from datasets import UnreadableImageError, build_dataset, build_samplers, check_images
-from factory import (FIXED_SCHEDULES, SCHEDULE_VARIANTS, create_model, load_weights, model_state, resolve_schedule,
-                     schedule_entry)
-from engine import Precision, SearchObjective, evaluate, measure_throughput, train_one_epoch
-from losses import build_criterion
-from utils import (ArgumentParser, NonFiniteLossError, OutputFolder, ReplicasDisagreeError, UserError, append_json_line,
-                   atomic_torch_save, atomic_write_text, check_replicas_agree, error_boundary, get_world_size,
-                   init_distributed, is_distributed, is_main_process, load_checkpoint, rng_state, seed_everything,
-                   set_rng_state, unwrap)
-
+from sdt2net import models
+from sdt2net.data import UnreadableImageError, build_dataset, build_samplers, check_images
+from sdt2net.engine import Precision, SearchObjective, evaluate, measure_throughput, train_one_epoch
+from sdt2net.losses import build_criterion
+from sdt2net.models.compression_rates import SEARCH_STARTS
+from sdt2net.models.token_ops import MERGE_RULES
+from sdt2net.run_schedule import FIXED_SCHEDULES, SCHEDULE_VARIANTS, resolve_schedule, start_search
+from sdt2net.runs import (OutputFolder, create_model, load_checkpoint, load_resumed_model, load_weights, save_epoch,
+                          write_per_class, write_predictions)
+from sdt2net.schedule_file import DEFAULT_FILE
+from sdt2net.utils import (ArgumentParser, NonFiniteError, ReplicasDisagreeError, UserError, append_json_line,
+                           atomic_write_text, check_replicas_agree, error_boundary, error_line, get_world_size,
+                           init_distributed, is_distributed, is_main_process, seed_everything, set_rng_state, unwrap)
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog='main.py', description='SDT2Net: search a compression schedule, fine-tune '
@@ -77,7 +77,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('compression')
     g.add_argument('--target_flops', type=float, default=3.0, help='FLOPs budget in GFLOPs')
-    g.add_argument('--flops-lambda', '--flops-weight', dest='flops_lambda', type=float, default=5.0,
+    g.add_argument('--flops-lambda', type=float, default=5.0,
                    help='lambda of the FLOPs penalty lambda * (GFLOPs - target)^2 (DiffRate: 5)')
     g.add_argument('--granularity', type=int, default=4, help='step between candidate kept counts')
     g.add_argument('--arch-lr', type=float, default=0.01, help='learning rate of the compression rates')
@@ -168,6 +168,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Every numeric option's range, by its argparse destination: (lowest, highest or None).
+NUMERIC_RANGES = {
+    'synthetic_classes': (2, None), 'synthetic_train_size': (1, None), 'synthetic_val_size': (1, None),
+    'input_size': (32, 1024), 'num_workers': (0, 64), 'threads': (0, 1024), 'drop': (0, 1), 'drop_path': (0, 1),
+    'eab_ratio': (0.01, 64), 'eab_groups': (1, 4096), 'eab_shift': (1, 64), 'model_ema_decay': (0, 1),
+    'target_flops': (0, None), 'search_start_flops': (0, None), 'anneal_epochs': (0, None), 'flops_lambda': (0, None),
+    'granularity': (1, None), 'arch_lr': (0, None), 'arch_min_lr': (0, None), 'batch_size': (1, None),
+    'epochs': (1, None), 'opt_eps': (0, None), 'opt_betas': (0, 1), 'momentum': (0, 1), 'weight_decay': (0, None),
+    'clip_grad': (0, None), 'lr': (0, None), 'lr_noise': (0, None), 'warmup_lr': (0, None), 'min_lr': (0, None),
+    'decay_epochs': (0, None), 'warmup_epochs': (0, None), 'cooldown_epochs': (0, None), 'decay_rate': (0, None),
+    'color_jitter': (0, None), 'smoothing': (0, 1), 'reprob': (0, 1), 'recount': (1, 64), 'mixup': (0, None),
+    'cutmix': (0, None), 'cutmix_minmax': (0, 1), 'mixup_prob': (0, 1), 'mixup_switch_prob': (0, 1),
+    'seed': (0, 2 ** 32 - 1), 'start_epoch': (0, None), 'print_freq': (1, None), 'throughput_batch': (0, None),
+}
+UNDERSCORE_FLAGS = ('num_workers', 'target_flops', 'start_epoch')  # spelled with '_' on the command line
+
+
 def validate_args(args, parser: argparse.ArgumentParser) -> None:
     """Every argument problem that can be seen before any work, one message each."""
     if args.data_set == 'IMNET':
@@ -177,16 +194,15 @@ def validate_args(args, parser: argparse.ArgumentParser) -> None:
     if not timm.is_model(args.model) or not args.model.startswith(('sdt2net_', 'vit_deit_')):
         names = [n for n in timm.list_models() if n.startswith(('sdt2net_', 'vit_deit_'))]
         raise UserError(f'unknown model {args.model!r}; available: {", ".join(names)}')
-    for name, value, low in (('--epochs', args.epochs, 1), ('--batch-size', args.batch_size, 1),
-                             ('--num_workers', args.num_workers, 0), ('--threads', args.threads, 0),
-                             ('--granularity', args.granularity, 1), ('--input-size', args.input_size, 32),
-                             ('--eab-shift', args.eab_shift, 1)):
-        if value < low:
-            parser.error(f'{name} must be at least {low}, got {value}')
-    for name, value in (('--lr', args.lr), ('--arch-lr', args.arch_lr), ('--flops-lambda', args.flops_lambda),
-                        ('--target_flops', args.target_flops), ('--anneal-epochs', args.anneal_epochs)):
-        if not value >= 0:
-            parser.error(f'{name} must be a non-negative number, got {value}')
+    for dest, (low, high) in NUMERIC_RANGES.items():
+        value = getattr(args, dest)
+        for item in (value if isinstance(value, list) else [value]):
+            if item is None:
+                continue  # an option that is off
+            if not math.isfinite(item) or item < low or (high is not None and item > high):
+                flag = '--' + dest if dest in UNDERSCORE_FLAGS else '--' + dest.replace('_', '-')
+                span = f'in [{low}, {high}]' if high is not None else f'at least {low}'
+                parser.error(f'{flag} must be a finite number {span}, got {item}')
     fixed = args.load_compression_rate or args.fixed_schedule
     if fixed and args.search_mode in ('joint', 'arch'):
         parser.error(f'--search-mode {args.search_mode} searches the rates, but the schedule is fixed '
@@ -243,56 +259,7 @@ def build_optimizers(model: models.SDT2Net, args, search_mode: str):
     return optimizers, schedulers
 
 
-def load_resumed_model(model: models.SDT2Net, state: Dict, path: str, args, class_names) -> None:
-    """The resumed run's model state (weights and rates); its schedule is restored by
-    resolve_schedule from the checkpoint's 'schedule' entry."""
-    check_checkpoint_fits(state, path, args, class_names)
-    weights = model_state(state)
-    target = model.state_dict()
-    mismatched = [f'{k}: checkpoint {tuple(v.shape)}, model {tuple(target[k].shape)}'
-                  for k, v in weights.items() if k in target and v.shape != target[k].shape]
-    if mismatched:
-        raise UserError(f'{path} was trained with other settings: {shape_setting_mismatch(path, state, args) or mismatched[0]}')
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise UserError(f'{path} does not fit {args.model} with these flags: '
-                        f'{"missing " + ", ".join(missing[:3]) if missing else ""}'
-                        f'{" unexpected " + ", ".join(unexpected[:3]) if unexpected else ""}')
-
-
 # Flags that change the shapes of the model's tensors, by their args.json key.
-SHAPE_FLAGS = {'input_size': '--input-size', 'granularity': '--granularity', 'eab_ratio': '--eab-ratio',
-               'eab_groups': '--eab-groups', 'eab_separate': '--eab-separate'}
-
-
-def shape_setting_mismatch(path: str, state: Dict, args) -> Optional[str]:
-    """'--input-size 64 but the checkpoint has 48' for the first shape-changing flag that differs from
-    the run that wrote the checkpoint (its stored arguments, or args.json beside it); None if unknown."""
-    stored = state.get('args')
-    args_json = os.path.join(os.path.dirname(os.path.abspath(path)), 'args.json')
-    if stored is None and os.path.isfile(args_json):
-        with open(args_json) as f:
-            stored = json.load(f)
-    for key, flag in SHAPE_FLAGS.items():
-        if stored is None or key not in stored or stored[key] == getattr(args, key):
-            continue
-        if isinstance(stored[key], bool):
-            return f'the checkpoint was trained {"with" if stored[key] else "without"} {flag}; resume likewise'
-        return f'{flag} {getattr(args, key)} but the checkpoint has {stored[key]}; resume with {flag} {stored[key]}'
-    return None
-
-
-def start_search(model: models.SDT2Net, start: str, start_flops: float) -> None:
-    """Set the rates of a new search to its start: uniform, dense, or the geometric merge schedule
-    at `start_flops` GFLOPs."""
-    if start != 'geometric':
-        model.rates.reset(start)
-        return
-    try:
-        schedule = models.uniform_schedule(model.shape(), start_flops, mode='merge', spacing='ratio')
-    except ValueError as error:
-        raise UserError(f'--search-start geometric: {error}') from None
-    model.rates.start_at(schedule)
 
 
 def restore_training_state(state: Dict, optimizers, schedulers, precision, model_ema) -> Tuple[int, float]:
@@ -337,7 +304,7 @@ def main(args, cleanup: contextlib.ExitStack) -> None:
     resumed = load_checkpoint(resume) if resume else None
     if resumed is not None:
         load_resumed_model(model, resumed, resume, args, class_names)
-        print(f'resumed from {resume} (epoch {resumed["epoch"]})')
+        print(f'resumed from {resume} (epoch {resumed.get("epoch")})')
     elif not (args.eval or args.load_compression_rate or args.fixed_schedule):
         start_search(model, args.search_start, args.search_start_flops or args.target_flops)
     model.to(device)
@@ -364,7 +331,10 @@ def main(args, cleanup: contextlib.ExitStack) -> None:
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema and not args.eval else None
     start_epoch, best_acc = args.start_epoch, 0.0
     if resumed is not None and not args.eval and 'optimizers' in resumed:
-        start_epoch, best_acc = restore_training_state(resumed, optimizers, schedulers, precision, model_ema)
+        try:
+            start_epoch, best_acc = restore_training_state(resumed, optimizers, schedulers, precision, model_ema)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+            raise UserError(f'{resume}: cannot restore its training state ({error_line(error)})') from None
     if args.output_dir and is_main_process():  # only once the configuration is known to work
         # a training run continues its own folder; an evaluation never writes into a training run's
         own_checkpoint = resumed is not None and os.path.isdir(args.output_dir) and os.path.samefile(
@@ -455,72 +425,6 @@ def main(args, cleanup: contextlib.ExitStack) -> None:
     print(f'training time {time.time() - start:.0f}s; outputs in {args.output_dir or "(no --output_dir)"}')
 
 
-def write_per_class(path: str, metrics: Dict, class_names: List[str]) -> None:
-    """Images, precision, recall and F1 (%) of every class, from evaluate's metrics."""
-    counts = [sum(row) for row in metrics['confusion_matrix']]
-    lines = ['class,images,precision,recall,f1'] + [
-        f'{name},{n},{p:.2f},{r:.2f},{f:.2f}' for name, n, p, r, f in zip(
-            class_names, counts, metrics['per_class_precision'], metrics['per_class_accuracy'],
-            metrics['per_class_f1'])]
-    atomic_write_text('\n'.join(lines) + '\n', path)
-
-
-def write_predictions(path: str, dataset, predictions: List[int]) -> None:
-    """One row per image in dataset order: index, file (class/name), target, top-1 prediction.
-    Two evaluations of the same images are compared pairwise with compare.py."""
-    if hasattr(dataset, 'samples'):
-        names = [os.path.join(os.path.basename(os.path.dirname(p)), os.path.basename(p)) for p, _ in dataset.samples]
-        targets = [t for _, t in dataset.samples]
-    else:  # synthetic: sample i has class i mod classes
-        names = [f'synthetic/{i}' for i in range(len(predictions))]
-        targets = [i % len(dataset.classes) for i in range(len(predictions))]
-    lines = ['index,file,target,prediction'] + [f'{i},{names[i]},{targets[i]},{p}' for i, p in enumerate(predictions)]
-    atomic_write_text('\n'.join(lines) + '\n', path)
-
-
-def check_checkpoint_fits(state: Dict, path: str, args, class_names) -> None:
-    """Clear errors for a checkpoint of another architecture, class list or component set."""
-    if 'model' not in state or not isinstance(state['model'], dict):
-        raise UserError(f'{path} is not a checkpoint written by this code (no "model" entry)')
-    saved = state.get('model_name')
-    if saved is not None and diffrate_key(saved) != diffrate_key(args.model):
-        raise UserError(f'{path} holds a {saved} model, not {args.model}')
-    if state.get('class_names') is not None and list(state['class_names']) != list(class_names):
-        raise UserError(f'{path} was trained on {len(state["class_names"])} other classes than the '
-                        f'{len(class_names)} in the data')
-    keys = list(models.unwrap_state_dict(state['model']))
-    for flag, marker, name in (('--no-eab', '.eab.', 'EAB'), ('--no-ftf', 'ftf.', 'FTF')):
-        trained_with = any(marker in k for k in keys)
-        if trained_with == getattr(args, flag[2:].replace('-', '_')):
-            hint = f'remove {flag}' if trained_with else f'add {flag}'
-            raise UserError(f'{path} was trained {"with" if trained_with else "without"} {name}: {hint}')
-
-
-def save_epoch(args, model, optimizers, schedulers, precision, model_ema, epoch, best_acc, is_best,
-               class_names, run_id: str, metrics: Dict[str, float], anneal_from: Optional[float]) -> None:
-    """checkpoint.pth (everything a resume needs), model_best.pth (what evaluation needs), both
-    atomic, and the schedule in compression_rate.json format."""
-    schedule = model.schedule()
-    state = {
-        'model': model.state_dict(), 'schedule': schedule_entry(model), 'model_name': args.model,
-        'class_names': list(class_names),
-        'optimizers': {k: o.state_dict() for k, o in optimizers.items()},
-        'schedulers': {k: s.state_dict() for k, s in schedulers.items()},
-        'scaler': precision.scaler.state_dict() if precision.scaler is not None else None,
-        'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
-        'epoch': epoch, 'best_acc': best_acc, 'rng': rng_state(), 'run_id': run_id, 'anneal_from': anneal_from,
-    }
-    path = os.path.join(args.output_dir, 'checkpoint.pth')
-    atomic_torch_save(state, path)
-    if is_best:  # what evaluation needs, without the optimizer state (a third of the size)
-        keep = ('model', 'schedule', 'model_name', 'class_names', 'epoch', 'run_id')
-        atomic_torch_save({**{k: state[k] for k in keep}, 'args': vars(args), 'metrics': metrics},
-                          os.path.join(args.output_dir, 'model_best.pth'))
-    save_schedule(os.path.join(args.output_dir, 'compression_rate.json'), args.model, args.target_flops,
-                  schedule, gflops=round(float(model.flops().detach()) / 1e9, 4), epoch=epoch,
-                  data=args.data_path or args.data_set, input_size=args.input_size)
-
-
 def describe_model(model: models.SDT2Net, args, device, precision, gflops_dense: float) -> Dict:
     """Schedule, FLOPs (analytic and fvcore's), parameters and throughput of the evaluated model."""
     schedule = model.schedule()
@@ -535,6 +439,19 @@ def describe_model(model: models.SDT2Net, args, device, precision, gflops_dense:
     }
 
 
+def last_checkpoint(output_dir: str) -> str:
+    """What a stopped run leaves to continue from, for its error line."""
+    path = os.path.join(output_dir, 'checkpoint.pth') if output_dir else ''
+    if not path or not os.path.isfile(path):
+        return 'no epoch had finished, nothing was saved'
+    try:
+        with open(os.path.join(output_dir, 'log.txt')) as f:
+            epoch = f' (epoch {json.loads(f.read().splitlines()[-1])["epoch"]})'
+    except (OSError, ValueError, IndexError, KeyError, TypeError):
+        epoch = ''
+    return f'{path} holds the last finished epoch{epoch}; continue with --autoresume'
+
+
 @error_boundary  # bad input and file errors; the failures of a run below come with their own advice
 def run(argv=None) -> int:
     parser = get_args_parser()
@@ -544,16 +461,13 @@ def run(argv=None) -> int:
         with contextlib.ExitStack() as cleanup:
             main(args, cleanup)
     except UnreadableImageError as error:  # raised in a loader worker: its last line names the file
-        raise UserError(str(error).strip().splitlines()[-1]) from None
-    except (NonFiniteLossError, ReplicasDisagreeError, FloatingPointError) as error:
-        print(f'error: {error}; stopped, the last checkpoint is kept (lower --lr or --arch-lr, '
-              f'or set --clip-grad)', file=sys.stderr)
+        raise UserError(error_line(error).split('; ')[-1]) from None
+    except (NonFiniteError, ReplicasDisagreeError) as error:
+        print(f'error: {error_line(error)}; stopped: {last_checkpoint(args.output_dir)} (lower --lr or --arch-lr, or set '
+              f'--clip-grad)', file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        where = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else ''
-        kept = f'{where} holds the last finished epoch; continue with --autoresume' \
-            if where and os.path.isfile(where) else 'no epoch had finished'
-        print(f'error: interrupted; {kept}', file=sys.stderr)
+        print(f'error: interrupted; {last_checkpoint(args.output_dir)}', file=sys.stderr)
         return 130
     except torch.OutOfMemoryError:
         print('error: out of memory; lower --batch-size (or --input-size)', file=sys.stderr)

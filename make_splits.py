@@ -14,8 +14,8 @@ import shutil
 import sys
 from typing import Dict, List
 
-from datasets import IMAGE_EXTENSIONS, list_classes
-from utils import ArgumentParser, UserError, error_boundary
+from sdt2net.data import IMAGE_EXTENSIONS, list_classes
+from sdt2net.utils import ArgumentParser, UserError, atomic_write_text, error_boundary
 
 
 def scan_classes(source: str) -> Dict[str, List[str]]:
@@ -63,9 +63,8 @@ def make_splits(source: str, dest: str, train_ratio: float, seed: int, mode: str
             for f in files:
                 place(os.path.join(source, name, f), os.path.join(dest, split, name, f), mode)
         counts[name] = {'train': len(train), 'val': len(val)}
-    with open(os.path.join(dest, 'split.json'), 'w') as f:
-        json.dump({'source': os.path.abspath(source), 'train_ratio': train_ratio, 'seed': seed,
-                   'files': plan}, f, indent=1)
+    atomic_write_text(json.dumps({'source': os.path.abspath(source), 'train_ratio': train_ratio, 'seed': seed,
+                                  'files': plan}, indent=1) + '\n', os.path.join(dest, 'split.json'))
     return counts
 
 

@@ -14,7 +14,8 @@ import statistics
 import sys
 from typing import Dict, List, Optional
 
-from utils import ArgumentParser, UserError, error_boundary
+from sdt2net.runs import read_run
+from sdt2net.utils import ArgumentParser, UserError, error_boundary
 
 COLUMNS = {  # name: (header, how to read it from a run's record)
     'top1': ('top-1 (%)', lambda r: r.get('acc1')),
@@ -38,28 +39,6 @@ def merged_pruned(record: Dict) -> Optional[str]:
     merged = sum(p - m for p, m in zip(prune, merge))
     pruned = sum(n - p for n, p in zip([prune[0]] + merge[:-1], prune))
     return f'{merged} / {pruned}'
-
-
-def read_run(folder: str) -> Optional[Dict]:
-    """The run's arguments and metrics, or None if the folder holds no run of main.py."""
-    args_path = os.path.join(folder, 'args.json')
-    if not os.path.isfile(args_path):
-        return None
-    with open(args_path) as f:
-        args = json.load(f)
-    for path in (os.path.join(folder, 'eval', 'eval_metrics.json'), os.path.join(folder, 'eval_metrics.json')):
-        if os.path.isfile(path):
-            with open(path) as f:
-                return {'args': args, **json.load(f)}
-    log = os.path.join(folder, 'log.txt')
-    if os.path.isfile(log):
-        with open(log) as f:
-            last = json.loads(f.read().splitlines()[-1])
-        return {'args': args, 'acc1': last.get('test_acc1'), 'acc5': last.get('test_acc5'),
-                'kappa': last.get('test_kappa'), 'gflops': last.get('train_gflops'),
-                'parameters': last.get('n_parameters'), 'prune_kept_num': last.get('prune_kept_num'),
-                'merge_kept_num': last.get('merge_kept_num')}
-    return None
 
 
 def cell(values: List) -> str:

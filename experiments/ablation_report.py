@@ -2,31 +2,29 @@
 searched schedule's GFLOPs and tokens, parameters, CPU throughput measured side by side, top-1 on
 test/ per seed with mean +- sd, and the paired difference to DeiT + DTC.
 
-    python experiments/ablation_report.py [OUT] [--figures figures] [--throughput]
+    python -m experiments.ablation_report [OUT] [--figures figures] [--throughput]
 """
 import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import matplotlib
+import torch
 
-import matplotlib  # noqa: E402
+from sdt2net.runs import load_trained_model, seed_runs
+from sdt2net.stats import summarise
+from sdt2net.timing import inference, measure
+from sdt2net.utils import ArgumentParser, error_boundary
+
 matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from benchmark import inference, measure  # noqa: E402
-from factory import load_run_model  # noqa: E402
-from seeds import seed_runs, summarise  # noqa: E402
-from utils import ArgumentParser, error_boundary  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
 
 ROWS = [('deit', 'DeiT + DTC'), ('eab', '+ EAB'), ('ftf', '+ FTF'), ('both', '+ EAB + FTF')]
 
 
 def throughput(folder: str, names, batches=(1, 32), repeats: int = 7):
     """Images per second of each row's fine-tuned model (seed 0), measured round-robin on the CPU."""
-    nets = {name: load_run_model(os.path.join(folder, f'{name}_seed0'))[0] for name in names}
+    nets = {name: load_trained_model(os.path.join(folder, f'{name}_seed0', 'checkpoint.pth'))[0] for name in names}
     size = nets[names[0]].patch_embed.img_size[0]
     result = {}
     for batch in batches:

@@ -4,11 +4,11 @@
 # weights, schedules are searched (--search-mode arch) at four budgets and compared on test/ at
 # equal FLOPs with hand-set schedules (the same count, ToMe, or the same fraction removed in every
 # block; by merging or by pruning) and the learned counts'
-# prune-only and merge-only forms. BEFORE=1 also searches with the code before the search's
-# gradient fix (commit 2173462) for comparison. Restartable: a finished stage is skipped.
+# prune-only and merge-only forms (the search before the gradient fix of commit 2173462 was run by
+# this script at commit c1dc99f with BEFORE=1). Restartable: a finished stage is skipped.
 # DENSE_START=1 also searches from the dense start instead of DiffRate's uniform one; LONG="0.115"
 # also searches those budgets for 15 epochs instead of 3.
-# Usage: [SLOTS=2] [BEFORE=1] [DENSE_START=1] [LONG="0.115"] [BUDGETS="0.23 0.185"] experiments/offtheshelf.sh [DATA] [OUT]
+# Usage: [SLOTS=2] [DENSE_START=1] [LONG="0.115"] [BUDGETS="0.23 0.185"] experiments/offtheshelf.sh [DATA] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/recipes.sh "$@"
@@ -84,24 +84,6 @@ long_search() {  # the same search, five times as long (15 epochs, about 735 rat
   evaluate "geometric_merge_long_$t" --fixed-schedule geometric --target_flops "$g"
 }
 
-before_fix() {  # the same search with the code of commit 2173462 (before the gradient fix)
-  local t=$1 tree="$OUT/code_2173462"
-  if ! done_file "$OUT/search_before_$t/done"; then
-    [[ -d "$tree" ]] || git worktree add --detach "$tree" 2173462 > /dev/null
-    # that code copied a checkpoint's fixed schedule along with its weights: strip it
-    [[ -f "$OUT/backbone_weights.pth" ]] || "$PY" -c "import torch,sys; s=torch.load(sys.argv[1], weights_only=True); \
-torch.save({'model': {k: v for k, v in s['model'].items() if not k.startswith('rates.')}}, sys.argv[2])" \
-      "$BACKBONE" "$OUT/backbone_weights.pth"
-    local args=("${SEARCH[@]}")
-    args=("${args[@]/--flops-lambda/--flops-weight}")
-    (cd "$tree" && "$PY" main.py "${MODEL[@]}" "${args[@]}" --finetune "$OUT/backbone_weights.pth" \
-      --target_flops "$t" --output_dir "$OUT/search_before_$t") > "$OUT/search_before_$t.log" 2>&1
-    touch "$OUT/search_before_$t/done"
-  fi
-  evaluate "learned_before_$t" --load_compression_rate --target_flops "$t" \
-    --compression-rate-file "$OUT/search_before_$t/compression_rate.json"
-}
-
 stage_backbone
 evaluate dense --fixed-schedule dense --target_flops 0.286
 done_file "$OUT/eval/dense_val/eval_metrics.json" || "$PY" main.py "${MODEL[@]}" --eval --finetune "$BACKBONE" \
@@ -109,7 +91,6 @@ done_file "$OUT/eval/dense_val/eval_metrics.json" || "$PY" main.py "${MODEL[@]}"
 
 JOBS=()
 for t in "${BUDGETS[@]}"; do JOBS+=("budget $t"); done
-[[ -n "${BEFORE:-}" ]] && for t in "${BUDGETS[@]}"; do JOBS+=("before_fix $t"); done
 [[ -n "${DENSE_START:-}" ]] && for t in "${BUDGETS[@]}"; do JOBS+=("dense_start $t"); done
 [[ -n "${LONG:-}" ]] && for t in $LONG; do JOBS+=("long_search $t"); done
 run_pool "$OUT/locks" "${JOBS[@]}"

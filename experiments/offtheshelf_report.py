@@ -2,7 +2,7 @@
 budget, paired differences against the learned schedule (bootstrap CI, McNemar), the accuracy-FLOPs
 curves and the learned schedules beside DiffRate's published ones.
 
-    python experiments/offtheshelf_report.py [OUT] [--figures figures] [--write-schedules]
+    python -m experiments.offtheshelf_report [OUT] [--figures figures] [--write-schedules]
 """
 import glob
 import json
@@ -11,18 +11,18 @@ import os
 import re
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import matplotlib
 
-import matplotlib  # noqa: E402
+from sdt2net.models import Schedule
+from sdt2net.runs import seed_runs
+from sdt2net.schedule_file import DEFAULT_FILE, save_schedule
+from sdt2net.stats import compare_files, summarise
+from sdt2net.utils import ArgumentParser, UserError, error_boundary
+
 matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
 
-from compare import compare_files  # noqa: E402
-from compression_schedule import DEFAULT_FILE, save_schedule  # noqa: E402
-from models import Schedule  # noqa: E402
-from seeds import seed_runs, summarise  # noqa: E402
-from utils import ArgumentParser, UserError, error_boundary  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 REFERENCE = os.path.join(ROOT, '..', 'shared', 'reference', 'diffrate_compression_rate.json')
 MODEL = 'sdt2net_tiny_patch16_224'
@@ -32,7 +32,6 @@ ROWS = [  # evaluation name prefix, description
     ('learned_dense_merge_only', 'learned from the dense start, counts all merged'),
     ('learned_long', 'learned, 15-epoch search'),
     ('geometric_merge_long', 'same fraction merged per block, at the 15-epoch search\'s FLOPs'),
-    ('learned_before', 'learned with the code before the gradient fix (2173462)'),
     ('learned_merge_only', 'learned counts, all merged'),
     ('learned_prune_only', 'learned counts, all pruned'),
     ('uniform_merge', 'same count merged per block (ToMe)'),
@@ -53,7 +52,7 @@ def binomial_ci(acc, n):
 
 
 def budgets(out):
-    found = [re.fullmatch(r'search_(?:dense_|before_|long_)?([\d.]+)', os.path.basename(p))
+    found = [re.fullmatch(r'search_(?:dense_|long_)?([\d.]+)', os.path.basename(p))
              for p in glob.glob(os.path.join(out, 'search_*'))]
     return sorted({m.group(1) for m in found if m}, key=float, reverse=True)
 
@@ -197,7 +196,7 @@ def write_schedules(out):
                                       'trained for 40 epochs on train/; no fine-tuning',
                           'top1_test': round(metrics['acc1'], 2), 'dense_top1_test': round(dense['acc1'], 2),
                           'command': f'experiments/offtheshelf.sh (search_{budget}), then '
-                                     'experiments/offtheshelf_report.py --write-schedules'})
+                                     'python -m experiments.offtheshelf_report --write-schedules'})
 
 
 @error_boundary

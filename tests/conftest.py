@@ -7,7 +7,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import models  # noqa: E402,F401  (registers the SDT2Net models with timm)
+from sdt2net import models  # noqa: E402,F401  (registers the SDT2Net models with timm)
 
 REFERENCE_SCHEDULES = os.path.join(ROOT, '..', 'shared', 'reference', 'diffrate_compression_rate.json')
 
@@ -31,7 +31,7 @@ def small_sdt2net(trained_like: bool = True, **kwargs) -> models.SDT2Net:
 def randomize_zero_initialised(model: models.SDT2Net) -> None:
     with torch.no_grad():
         for block in model.blocks:
-            for scm in (block.eab.scm_q, block.eab.scm_k) if block.eab is not None else ():
+            for scm in (block.eab.scm, block.eab.scm_k) if block.eab is not None else ():
                 if scm is not None:
                     scm.reduce.weight.normal_(0, 0.1)
                     scm.reduce.bias.normal_(0, 0.1)

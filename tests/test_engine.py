@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import small_sdt2net
-from engine import Precision, SearchObjective, confusion_metrics, train_one_epoch
+from sdt2net.engine import Precision, SearchObjective, confusion_metrics, train_one_epoch
 
 
 @pytest.mark.parametrize('mode,weights_move,rates_move', [
@@ -39,7 +39,7 @@ def test_confusion_metrics_accuracy_and_kappa():
     assert metrics['acc1'] == pytest.approx(85.0) and metrics['overall_accuracy'] == metrics['acc1']
     # kappa = (p_o - p_e) / (1 - p_e) with p_e = (10*9 + 10*11) / 20^2 = 0.5
     assert metrics['kappa'] == pytest.approx((0.85 - 0.5) / 0.5)
-    assert metrics['per_class_accuracy'] == pytest.approx([80.0, 90.0])  # recall
+    assert metrics['per_class_recall'] == pytest.approx([80.0, 90.0])
     assert metrics['per_class_precision'] == pytest.approx([800 / 9, 900 / 11])
     assert metrics['per_class_f1'] == pytest.approx([2 * 8 / (2 * 8 + 2 + 1) * 100, 2 * 9 / (2 * 9 + 1 + 2) * 100])
     assert metrics['loss'] == pytest.approx(0.2)

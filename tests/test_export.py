@@ -6,13 +6,14 @@ import json
 import pytest
 import timm
 import torch
+from PIL import Image
 
 import export
 import main as entry
-import models
 import predict
-from datasets import build_transform, load_rgb
-from factory import load_trained_model
+from sdt2net import models, onnx_export
+from sdt2net.data import build_transform, load_rgb
+from sdt2net.runs import load_trained_model
 from test_pipeline import FAST, MODEL, TARGET, make_image_folder
 
 HAVE_ONNX = all(importlib.util.find_spec(name) for name in ('onnx', 'onnxruntime', 'onnxscript'))
@@ -89,28 +90,44 @@ def test_onnx_export_runs_in_onnxruntime_with_pytorchs_logits(trained, tmp_path,
                         '--batch-size', '4', '--no-optimize']) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report['images'] == 9 and report['top1_agreement'] == 1.0
-    assert report['max_abs_diff_traced'] < export.PARITY_TOLERANCE and report['images_over_tolerance'] == 0
+    assert report['max_abs_diff_traced'] < onnx_export.PARITY_TOLERANCE and report['images_over_tolerance'] == 0
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     model, _ = load_trained_model(str(out / 'model_best.pth'))
     assert json.loads(meta['class_names']) == model.class_names and meta['input_size'] == '48'
     # another batch size than the one traced: the batch dimension is dynamic
-    runner = export.onnx_runner(str(path))
+    runner = onnx_export.onnx_runner(str(path))
     x = torch.randn(5, 3, 48, 48)
     with torch.no_grad(), models.export_numerics():
         expected = model(x)
     got = torch.from_numpy(runner.run(None, {'images': x.numpy()})[0])
-    assert (got - expected).abs().max() < export.PARITY_TOLERANCE
+    assert (got - expected).abs().max() < onnx_export.PARITY_TOLERANCE
+    # predict.py deploys the graph with the same command and gives the checkpoint's rows, on images
+    # generated here (not the training data)
+    new = tmp_path / 'new'
+    new.mkdir()
+    generator = torch.Generator().manual_seed(1)
+    for index in range(5):
+        pixels = (torch.rand(60, 70, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(new / f'image{index}.png')
+    rows = {}
+    for source in (out / 'model_best.pth', path):
+        target = tmp_path / f'{source.suffix[1:]}.jsonl'
+        assert predict.main([str(source), str(new), '--out', str(target), '--topk', '3']) == 0
+        rows[source.suffix] = [json.loads(line) for line in open(target)]
+    assert [r['classes'] for r in rows['.onnx']] == [r['classes'] for r in rows['.pth']]
+    for ours, theirs in zip(rows['.onnx'], rows['.pth']):
+        assert max(abs(a - b) for a, b in zip(ours['probs'], theirs['probs'])) < 1e-4
 
 
 @pytest.mark.skipif(not HAVE_ONNX, reason='optional packages of requirements-export.txt not installed')
 def test_exported_token_order_breaks_ties_as_the_stable_sort(tmp_path):
-    from models.token_ops import sort_by_importance
+    from sdt2net.models.token_ops import sort_by_importance
 
     class Order(torch.nn.Module):
         def forward(self, importance):
             return sort_by_importance(importance, importance.shape[1] + 1)
     importance = torch.tensor([[0.2, 0.5, 0.2, 0.1, 0.5, 0.5, 0.2]])
     torch.onnx.export(Order().eval(), (importance,), str(tmp_path / 'order.onnx'), dynamo=True, verbose=False)
-    runner = export.onnx_runner(str(tmp_path / 'order.onnx'))
+    runner = onnx_export.onnx_runner(str(tmp_path / 'order.onnx'))
     got = runner.run(None, {runner.get_inputs()[0].name: importance.numpy()})[0]
     assert got.tolist() == sort_by_importance(importance, 8).tolist() == [[0, 2, 5, 6, 1, 3, 7, 4]]

@@ -1,7 +1,7 @@
 """SDT2Net models; importing this package registers them with timm."""
 from .checkpoint import adapt_state_dict, unwrap_state_dict
 from .flops import ModelShape, analytic_flops, fvcore_flops
-from .ftf import pade_sqrtm
+from .sqrtm import pade_sqrtm
 from .schedule import Schedule, flops_range, smallest_schedule, uniform_schedule
 from .sdt2net import SDT2Net
 from .tracing import export_numerics

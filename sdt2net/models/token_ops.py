@@ -78,8 +78,10 @@ def sort_by_importance(importance: torch.Tensor, alive: int) -> torch.Tensor:
     """
     n_patches = importance.shape[1]
     # the class token scores +inf, tokens that are no longer alive -inf: a stable sort keeps them
-    # in place after the alive ones
-    scores = F.pad(importance[:, :alive - 1], (1, 0), value=math.inf)
+    # in place after the alive ones. NOTE a NaN score would sort before the class token (weights
+    # gone non-finite): it scores -inf, so the order stays a valid layout and the NaN reaches the
+    # loss, where training stops.
+    scores = F.pad(torch.nan_to_num(importance[:, :alive - 1], nan=-math.inf), (1, 0), value=math.inf)
     if alive <= n_patches:
         scores = F.pad(scores, (0, n_patches + 1 - alive), value=-math.inf)
     if tracing():

@@ -12,7 +12,7 @@ from typing import Any, List
 import torch
 from torch import nn
 
-from .ftf import pade_sqrtm_flops
+from .sqrtm import pade_sqrtm_flops
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class ModelShape:
     patch_size: int
     in_chans: int
     num_classes: int
-    eab_ratio: float = 0.0  # 0 = EAB off
+    eab: bool = False
+    eab_ratio: float = 2.0  # the SCM's expansion
     eab_groups: int = 1
     ftf_dim: int = 0        # 0 = FTF off
 
@@ -43,7 +44,7 @@ def analytic_flops(shape: ModelShape, prune: torch.Tensor, merge: torch.Tensor) 
     total = prune.new_full((), P * C * shape.in_chans * shape.patch_size ** 2)  # patch embedding
     # EAB: two 1x1 convs (C -> hidden -> C) per SCM on the patch tokens present, for q and k
     # (its shifts move memory: no multiply-adds)
-    eab_per_token = 4 * C * int(C * shape.eab_ratio) / shape.eab_groups if shape.eab_ratio else 0.0
+    eab_per_token = 4 * C * int(C * shape.eab_ratio) / shape.eab_groups if shape.eab else 0.0
     n_in = dense
     for block in range(shape.depth):
         if block == 0:

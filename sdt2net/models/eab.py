@@ -187,12 +187,12 @@ class EfficientAttentionShift(nn.Module):
     def __init__(self, dim: int, exp_ratio: float = 2.0, groups: int = 1, shift: int = 2,
                  shared: bool = True) -> None:
         super().__init__()
-        self.scm_q = ShiftConvModule(dim, exp_ratio, groups, shift)
+        self.scm = ShiftConvModule(dim, exp_ratio, groups, shift)  # q's, and k's too unless scm_k is set
         self.scm_k = None if shared else ShiftConvModule(dim, exp_ratio, groups, shift)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, torch.Tensor]:
         B, N, _ = q.shape
-        scm_q = self.scm_q
+        scm_q = self.scm
         stacked_bytes = 2 * B * (N - 1) * scm_q.expand.out_channels * q.element_size()
         # exported graphs never stack: one graph serves every batch size
         stacked = self.scm_k is None and not tracing() and stacked_bytes <= STACK_BYTES

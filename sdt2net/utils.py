@@ -26,29 +26,50 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f'error: {message} (--help lists the options)\n')
 
 
+def error_line(error: BaseException) -> str:
+    """One line describing `error`, whatever its message holds (empty, several lines, arguments
+    that are not strings, a __str__ that raises): formatting an error never raises itself."""
+    try:
+        if isinstance(error, OSError) and error.strerror:
+            where = error.filename if error.filename is not None else 'file system'
+            text = f'{where}: {error.strerror}'
+        else:
+            text = str(error)
+    except Exception:  # a broken __str__ or filename
+        text = ''
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return '; '.join(lines) if lines else type(error).__name__
+
+
 def error_boundary(main: Callable[..., Optional[int]]) -> Callable[..., int]:
-    """The top-level error boundary of an entry point: an expected failure ends as one `error:`
-    line and an exit status (2: bad input or a file problem, 1: out of memory, 130: interrupted)
-    instead of a traceback. Files are written atomically, so nothing already written is damaged."""
+    """The top-level error boundary of an entry point: a failure ends as one `error:` line and an
+    exit status (2: bad input or a file problem, 1: out of memory or an unexpected error, 130:
+    interrupted) instead of a traceback. Files are written atomically, so nothing already written
+    is damaged. SDT2NET_TRACEBACK=1 re-raises unexpected errors with their traceback."""
     @functools.wraps(main)
     def bounded(*args, **kwargs) -> int:
         try:
             return main(*args, **kwargs) or 0
         except UserError as error:
-            message, status = str(error), 2
+            message, status = error_line(error), 2
         except OSError as error:
-            message, status = f'{error.filename or "file system"}: {error.strerror or error}', 2
+            message, status = error_line(error), 2
         except torch.OutOfMemoryError:
             message, status = 'out of memory; use a smaller batch size', 1
         except KeyboardInterrupt:
             message, status = 'interrupted; files already written are complete (written atomically)', 130
+        except Exception as error:  # a case no check foresaw: still one line, never a traceback dump
+            if os.environ.get('SDT2NET_TRACEBACK'):
+                raise
+            message, status = f'unexpected {type(error).__name__}: {error_line(error)} (SDT2NET_TRACEBACK=1 shows where)', 1
         print(f'error: {message}', file=sys.stderr)
         return status
     return bounded
 
 
-class NonFiniteLossError(Exception):
-    """The loss became NaN or infinite: the run stops, earlier checkpoints are kept."""
+class NonFiniteError(Exception):
+    """The loss or the compression rates became NaN or infinite: the run stops, earlier
+    checkpoints are kept."""
 
 
 class ReplicasDisagreeError(Exception):
@@ -178,80 +199,7 @@ def append_json_line(record: Dict[str, Any], path: str) -> None:
         f.write(json.dumps(record) + '\n')
 
 
-def load_checkpoint(path: str) -> Dict[str, Any]:
-    """torch.load with weights_only=True and a clear error for missing or foreign files."""
-    if not os.path.isfile(path):
-        raise UserError(f'checkpoint not found: {path}')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:  # unpickling errors come in many types
-        raise UserError(f'cannot read checkpoint {path}: {str(error).splitlines()[0]}') from None
-
-
-class OutputFolder:
-    """Claims --output_dir for one run: refuses a folder that holds another run unless it is
-    continued (or --overwrite), and holds a lock file (OUT/.lock, the pid) so that a second run
-    cannot write into a folder in use; a lock left by a dead process is taken over."""
-
-    RUN_FILES = ('checkpoint.pth', 'log.txt')
-
-    def __init__(self, path: str, continues: bool, overwrite: bool) -> None:
-        self.path, self.lock = path, os.path.join(path, '.lock')
-        held = [name for name in self.RUN_FILES if os.path.isfile(os.path.join(path, name))]
-        if held and not (continues or overwrite):
-            raise UserError(f'--output_dir {path} already holds a run ({", ".join(held)}); continue it with '
-                            f'--autoresume, choose another folder, or replace it with --overwrite')
-        try:
-            os.makedirs(path, exist_ok=True)
-            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if self._holder_alive():
-                raise UserError(f'--output_dir {path} is in use by another run (pid {self._holder()}); '
-                                f'wait for it or choose another folder') from None
-            os.remove(self.lock)  # stale: its process is gone
-            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except OSError as error:
-            raise UserError(f'cannot write into --output_dir {path}: {error.strerror}') from None
-        with os.fdopen(fd, 'w') as f:
-            f.write(str(os.getpid()))
-        for name in os.listdir(path):  # temporary files of a run that was killed while writing
-            if '.tmp' in name and name.rsplit('.tmp', 1)[-1].isdigit():
-                os.remove(os.path.join(path, name))
-
-    def _holder(self) -> int:
-        try:
-            with open(self.lock) as f:
-                return int(f.read().strip() or 0)
-        except (OSError, ValueError):
-            return 0
-
-    def _holder_alive(self) -> bool:
-        pid = self._holder()
-        if pid <= 0:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    def release(self) -> None:
-        if self._holder() == os.getpid():
-            os.remove(self.lock)
-
-
 # --- timing ---------------------------------------------------------------------------------
-def timed(fn, device: torch.device) -> float:
-    """Seconds one call of fn() takes, the device synchronised before and after (CUDA)."""
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 # --- logging ----------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""Data: ImageFolder train/ + val/ splits with DeiT's timm transforms, and an in-memory synthetic set."""
+"""Data: ImageFolder train/ + val/ splits with DeiT's timm transforms, an in-memory synthetic set,
+and image files collected from paths, folders and lists for prediction and export checks."""
 import os
-from typing import List, Optional, Tuple
+import sys
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
-from utils import UserError, get_rank, get_world_size, is_distributed
+from sdt2net.utils import UserError, get_rank, get_world_size, is_distributed
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -62,12 +64,17 @@ def build_transform(is_train: bool, args) -> transforms.Compose:
             auto_augment=args.aa if args.aa not in ('', 'none') else None,
             interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
             re_count=args.recount)
-    resize = int(args.input_size / 0.875) if args.input_size >= 32 else args.input_size
+    return eval_transform(args.input_size)
+
+
+def eval_transform(input_size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> transforms.Compose:
+    """Resize the shorter side to input_size / 0.875 (bicubic), centre crop, normalise."""
+    resize = int(input_size / 0.875) if input_size >= 32 else input_size
     return transforms.Compose([
         transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(args.input_size),
+        transforms.CenterCrop(input_size),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        transforms.Normalize(mean, std),
     ])
 
 
@@ -182,3 +189,40 @@ def build_samplers(train_set: Optional[Dataset], val_set: Dataset, args) -> Tupl
     val_sampler = ShardSampler(val_set) if is_distributed() and args.dist_eval else \
         torch.utils.data.SequentialSampler(val_set)
     return train_sampler, val_sampler
+
+
+def collect_images(inputs: List[str]) -> List[str]:
+    """Image paths of files, folders (recursive) and .txt lists, sorted, without duplicates."""
+    paths = set()
+    for item in inputs:
+        if os.path.isdir(item):
+            for root, dirs, files in os.walk(item):
+                dirs[:] = [d for d in dirs if not d.startswith('.')]
+                paths.update(os.path.join(root, f) for f in files
+                             if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'))
+        elif item.lower().endswith('.txt') and os.path.isfile(item):
+            with open(item) as f:
+                paths.update(line.strip() for line in f if line.strip())
+        elif os.path.isfile(item):
+            paths.add(item)
+        else:
+            raise UserError(f'no such image, folder or list: {item}')
+    if not paths:
+        raise UserError(f'no images found in {", ".join(inputs)}')
+    return sorted(paths)
+
+
+def batches(paths: List[str], transform, batch_size: int) -> Iterator[Tuple[List[str], torch.Tensor]]:
+    """(readable paths, images [b, 3, H, W]) per batch; unreadable files are reported and skipped."""
+    names, images = [], []
+    for path in paths:
+        try:
+            images.append(transform(load_rgb(path)))
+            names.append(path)
+        except UnreadableImageError as error:
+            print(f'skipped: {error}', file=sys.stderr)
+        if len(images) == batch_size:
+            yield names, torch.stack(images)
+            names, images = [], []
+    if images:
+        yield names, torch.stack(images)

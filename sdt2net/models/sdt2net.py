@@ -17,7 +17,7 @@ from .checkpoint import adapt_state_dict
 from .eab import EfficientAttentionShift
 from .flops import ModelShape, analytic_flops
 from .ftf import SecondOrderHead
-from .rates import CompressionRates
+from .compression_rates import CompressionRates
 from .schedule import Schedule
 from .token_ops import MERGE_RULES, TokenState, compress
 
@@ -82,11 +82,11 @@ class SDT2NetAttention(Attention):
 class SDT2NetBlock(Block):
     """Pre-norm transformer block: attention (with EAB), token compression, MLP."""
 
-    def __init__(self, dim: int, num_heads: int, *, eab_ratio: Optional[float] = None, eab_groups: int = 1,
+    def __init__(self, dim: int, num_heads: int, *, eab: bool = True, eab_ratio: float = 2.0, eab_groups: int = 1,
                  eab_shift: int = 2, eab_shared: bool = True, merge_rule: str = 'size-weighted', **kwargs) -> None:
         kwargs['attn_layer'] = SDT2NetAttention
         super().__init__(dim, num_heads, **kwargs)
-        self.eab = EfficientAttentionShift(dim, eab_ratio, eab_groups, eab_shift, eab_shared) if eab_ratio else None
+        self.eab = EfficientAttentionShift(dim, eab_ratio, eab_groups, eab_shift, eab_shared) if eab else None
         self.merge_rule = merge_rule
 
     def forward(self, x: torch.Tensor, state: TokenState, kept: Optional[Tuple[int, int]] = None,
@@ -119,10 +119,10 @@ class SDT2Net(VisionTransformer):
             raise ValueError('SDT2Net needs a class token and token pooling (no register tokens)')
         if merge_rule not in MERGE_RULES:
             raise ValueError(f'merge_rule must be one of {MERGE_RULES}, got {merge_rule!r}')
-        block_fn = partial(SDT2NetBlock, eab_ratio=eab_ratio if eab else None, eab_groups=eab_groups,
+        block_fn = partial(SDT2NetBlock, eab=eab, eab_ratio=eab_ratio, eab_groups=eab_groups,
                            eab_shift=eab_shift, eab_shared=eab_shared, merge_rule=merge_rule)
         super().__init__(block_fn=block_fn, **kwargs)
-        self.eab_ratio = eab_ratio if eab else 0.0
+        self.has_eab, self.eab_ratio = eab, eab_ratio
         self.eab_groups = eab_groups
         num_patches = self.patch_embed.num_patches
         self.rates = CompressionRates(len(self.blocks), num_patches, granularity)
@@ -178,7 +178,7 @@ class SDT2Net(VisionTransformer):
             embed_dim=self.embed_dim, depth=len(self.blocks), num_heads=self.blocks[0].attn.num_heads,
             mlp_hidden=self.blocks[0].mlp.fc1.out_features, num_patches=self.patch_embed.num_patches,
             patch_size=self.patch_embed.patch_size[0], in_chans=self.in_chans, num_classes=self.num_classes,
-            eab_ratio=self.eab_ratio, eab_groups=self.eab_groups, ftf_dim=self.ftf.dim if self.ftf else 0)
+            eab=self.has_eab, eab_ratio=self.eab_ratio, eab_groups=self.eab_groups, ftf_dim=self.ftf.dim if self.ftf else 0)
 
     def flops(self) -> torch.Tensor:
         """FLOPs of one image under the current schedule (fvcore convention).
@@ -195,7 +195,7 @@ class SDT2Net(VisionTransformer):
         """Images [B, 3, H, W] -> (normed tokens [B, N, C], final state, per-block patch owners)."""
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         state = TokenState(alive=x.shape[1], grid_size=tuple(self.patch_embed.grid_size),
-                           track_owner=return_owners or self.eab_ratio > 0)
+                           track_owner=return_owners or self.has_eab)
         stages = self.rates.hard_stage_patches()  # kept patch counts, one host sync at most
         masks = self.rates.token_masks() if self.training else None  # [S, N + 1]
         owners = []

@@ -8,8 +8,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from losses import flops_penalty
-from utils import MetricLogger, NonFiniteLossError, all_reduce_sum, timed, unwrap
+from sdt2net.losses import flops_penalty
+from sdt2net.timing import timed
+from sdt2net.utils import MetricLogger, NonFiniteError, all_reduce_sum, unwrap
 
 
 @dataclass
@@ -64,9 +65,10 @@ def train_one_epoch(model: nn.Module, *, criterion: nn.Module, loader: Iterable,
                     model_ema=None, print_freq: int = 20) -> Dict[str, float]:
     """Weight and/or rate updates over one pass of `loader`; returns epoch averages.
 
-    loss = classification loss + lambda * (flops / 1e9 - target)^2. The loss is checked for
-    NaN/inf on the host only every `print_freq` steps and at the end (no per-step sync); a
-    non-finite loss raises NonFiniteLossError before anything is saved.
+    loss = classification loss + lambda * (flops / 1e9 - target)^2. The first step whose loss is
+    NaN/inf is recorded on the device and read by the host only every `print_freq` steps and at
+    the end (no per-step sync); then NonFiniteError names that step, before anything is saved.
+    Rates gone non-finite raise it at once (their counts are read on the host every step).
     """
     model.train()
     if objective.mode == 'arch':  # frozen weights: batch norms keep their statistics as well
@@ -76,20 +78,22 @@ def train_one_epoch(model: nn.Module, *, criterion: nn.Module, loader: Iterable,
     core = unwrap(model)
     logger = MetricLogger(f'Epoch [{epoch}]', print_freq)
     loss_sum = torch.zeros((), device=device)
-    finite = torch.ones((), dtype=torch.bool, device=device)
-    last_checked = -1  # last step whose loss the host has seen to be finite
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
     for step, (images, targets) in enumerate(logger.log_every(loader, num_steps)):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
-        with precision.autocast():
-            cls_loss = criterion(model(images), targets)
+        try:
+            with precision.autocast():
+                cls_loss = criterion(model(images), targets)
+        except FloatingPointError as error:  # the rates' counts are not finite
+            raise NonFiniteError(f'{error}, in epoch {epoch} at step {step}') from None
         flops = core.flops()
         loss = cls_loss.float()
         if objective.mode != 'weights':
             loss = loss + flops_penalty(flops, objective.budget(step), objective.flops_lambda)
-        finite &= torch.isfinite(loss)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
 
         groups = objective.stepped_groups(step)
         for optimizer in optimizers.values():
@@ -113,10 +117,9 @@ def train_one_epoch(model: nn.Module, *, criterion: nn.Module, loader: Iterable,
 
         loss_sum += loss.detach()
         if step % print_freq == 0 or step == num_steps - 1:
-            if not bool(finite):
-                raise NonFiniteLossError(f'the loss became NaN or infinite in epoch {epoch}, '
-                                         f'between steps {last_checked + 1} and {step}')
-            last_checked = step
+            bad = int(first_bad)
+            if bad >= 0:
+                raise NonFiniteError(f'the loss became NaN or infinite in epoch {epoch} at step {bad}')
             logger.update(loss=loss.item(), cls_loss=cls_loss.item(),
                           gflops=flops.item() / 1e9, budget=objective.budget(step),
                           lr=optimizers['weights'].param_groups[0]['lr'] if 'weights' in optimizers else 0.0)
@@ -174,7 +177,7 @@ def confusion_metrics(confusion: torch.Tensor, top5_correct: int, loss_sum: floa
         'acc1': 100 * observed, 'acc5': 100 * top5_correct / total, 'overall_accuracy': 100 * observed,
         'kappa': (observed - chance) / (1 - chance) if chance < 1 else 0.0,
         'loss': loss_sum / total, 'num_images': int(total),
-        'per_class_accuracy': (100 * recall).tolist(), 'per_class_precision': (100 * precision).tolist(),
+        'per_class_recall': (100 * recall).tolist(), 'per_class_precision': (100 * precision).tolist(),
         'per_class_f1': (100 * f1).tolist(), 'confusion_matrix': confusion.long().tolist(),
     }
 

@@ -127,8 +127,8 @@ def flops_range(shape: ModelShape, granularity: int) -> Tuple[float, float]:
     return smallest_schedule(shape, granularity).flops(shape) / 1e9, dense / 1e9
 
 
-def uniform_schedule(shape: ModelShape, target_gflops: float, mode: str = 'merge', spacing: str = 'count') -> Schedule:
-    """A hand-set schedule at the FLOPs closest to `target_gflops` that removes tokens evenly over
+def uniform_schedule(shape: ModelShape, target_flops: float, mode: str = 'merge', spacing: str = 'count') -> Schedule:
+    """A hand-set schedule at the FLOPs closest to `target_flops` that removes tokens evenly over
     the blocks after the first, by merging (mode 'merge') or by pruning the least attended
     ('prune'). spacing 'count': the same number r of tokens in every block (ToMe's schedule; it
     cannot go below about half the dense FLOPs, where r empties the last block); 'ratio': the
@@ -154,10 +154,10 @@ def uniform_schedule(shape: ModelShape, target_gflops: float, mode: str = 'merge
         return schedule(r).flops(shape) / 1e9
 
     low, high = 0.0, (full / (depth - 1) if spacing == 'count' else 1.0)
-    if not gflops(high) <= target_gflops <= gflops(low):
-        raise ValueError(f'no uniform {mode} schedule with the same {spacing} per block reaches {target_gflops} '
+    if not gflops(high) <= target_flops <= gflops(low):
+        raise ValueError(f'no uniform {mode} schedule with the same {spacing} per block reaches {target_flops} '
                          f'GFLOPs (range [{gflops(high):.3f}, {gflops(low):.3f}])')
     for _ in range(40):
         middle = (low + high) / 2
-        low, high = (middle, high) if gflops(middle) > target_gflops else (low, middle)
-    return schedule(min((low, high), key=lambda r: abs(gflops(r) - target_gflops)))
+        low, high = (middle, high) if gflops(middle) > target_flops else (low, middle)
+    return schedule(min((low, high), key=lambda r: abs(gflops(r) - target_flops)))

@@ -15,7 +15,9 @@ def unwrap_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
             break
-    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in checkpoint.items()}
+    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in checkpoint.items()}
+    # NOTE checkpoints written before the EAB's shared module was named `scm` call it `scm_q`
+    return {k.replace('.eab.scm_q.', '.eab.scm.'): v for k, v in state.items()}
 
 
 def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -1,0 +1,126 @@
+"""Tables and figure of experiments/search_study.sh: for every backbone, budget and recipe, the
+learned schedule against the geometric and ToMe merge schedules at the FLOPs it reached (paired
+differences on the same images, 95% bootstrap intervals, on val/ and test/); DiffRate's merge rule
+against the size-weighted one; the learned schedules' shapes.
+
+    python -m experiments.search_study_report OUT [OUT ...] [--figure figures/search_study.png]
+"""
+import glob
+import os
+import re
+import sys
+
+import matplotlib
+
+from sdt2net.runs import read_json
+from sdt2net.stats import compare_files
+from sdt2net.utils import ArgumentParser, UserError, error_boundary
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
+
+
+def evaluation(out: str, split: str, name: str):
+    path = os.path.join(out, 'eval', split, name, 'eval_metrics.json')
+    return read_json(path) if os.path.isfile(path) else None
+
+
+def paired(out: str, split: str, a: str, b: str):
+    """a minus b on the same images of `split`: (difference, low, high) in points, or None."""
+    files = [os.path.join(out, 'eval', split, n, 'predictions.csv') for n in (a, b)]
+    if not all(os.path.isfile(f) for f in files):
+        return None
+    c = compare_files(*files, resamples=4000)
+    return c['difference'], c['ci_low'], c['ci_high']
+
+
+def cell(diff) -> str:
+    return '-' if diff is None else f'{diff[0]:+.2f} [{diff[1]:+.2f}, {diff[2]:+.2f}]'
+
+
+def searches(out: str):
+    """(recipe, budget) of every finished search evaluation under out."""
+    found = []
+    for path in glob.glob(os.path.join(out, 'eval', 'test', '*', 'eval_metrics.json')):
+        match = re.fullmatch(r'([a-z]+)_([\d.]+)', os.path.basename(os.path.dirname(path)))
+        if match and match.group(1) not in ('dense', 'rule'):
+            found.append((match.group(1), match.group(2)))
+    return sorted(found, key=lambda rb: (-float(rb[1]), rb[0]))
+
+
+def tables(outs) -> str:
+    lines = ['| backbone | budget | recipe | schedule found (kept tokens after each block) | GFLOPs | top-1 test | '
+             'minus geometric, val [95% CI] | minus geometric, test | minus ToMe, test |', '|---|---|---|---|---|---|---|---|---|']
+    rules = ['| backbone | budget | DiffRate rule top-1 test | minus size-weighted, val [95% CI] | test |', '|---|---|---|---|---|']
+    for out in outs:
+        dense = evaluation(out, 'test', 'dense')
+        label = os.path.basename(os.path.normpath(out)) + (f' (dense {dense["acc1"]:.2f}%)' if dense else '')
+        for recipe, budget in searches(out):
+            name = f'{recipe}_{budget}'
+            metrics = evaluation(out, 'test', name)
+            kept = ', '.join(str(k) for k in metrics['merge_kept_num'])
+            lines.append(f'| {label} | {budget} | {recipe} | {kept} | {metrics["gflops"]:.4f} | {metrics["acc1"]:.2f} | '
+                         f'{cell(paired(out, "val", name, name + "_geometric"))} | '
+                         f'{cell(paired(out, "test", name, name + "_geometric"))} | '
+                         f'{cell(paired(out, "test", name, name + "_tome"))} |')
+        for path in sorted(glob.glob(os.path.join(out, 'eval', 'test', 'rule_diffrate_*', 'eval_metrics.json'))):
+            budget = os.path.basename(os.path.dirname(path)).rsplit('_', 1)[1]
+            a, b = f'rule_diffrate_{budget}', f'rule_size-weighted_{budget}'
+            rules.append(f'| {label} | {budget} | {read_json(path)["acc1"]:.2f} | {cell(paired(out, "val", a, b))} | '
+                         f'{cell(paired(out, "test", a, b))} |')
+    return '\n'.join(lines) + '\n\n' + '\n'.join(rules)
+
+
+def figure(outs, path: str) -> None:
+    """Left: kept tokens per block of every learned schedule and of its geometric rival. Right: each
+    search minus the geometric schedule on test/, with its 95% paired interval."""
+    fig, (shapes, diffs) = plt.subplots(1, 2, figsize=(11, 4.2))
+    labels, points = [], []
+    for o, out in enumerate(outs):
+        for index, (recipe, budget) in enumerate(searches(out)):
+            name = f'{recipe}_{budget}'
+            learned, rival = evaluation(out, 'test', name), evaluation(out, 'test', name + '_geometric')
+            style = dict(color=f'C{index}', alpha=0.9 if o == 0 else 0.5)
+            shapes.plot(learned['merge_kept_num'], marker='o', markersize=3, **style,
+                        label=f'{os.path.basename(out)} {recipe} {budget}')
+            if rival is not None:
+                shapes.plot(rival['merge_kept_num'], linestyle=':', **style)
+            diff = paired(out, 'test', name, name + '_geometric')
+            if diff is not None:
+                labels.append(f'{os.path.basename(out)}\n{recipe} {budget}')
+                points.append(diff)
+    shapes.set_xlabel('block')
+    shapes.set_ylabel('tokens after the block (with class token)')
+    shapes.set_title('learned (solid) and geometric at its FLOPs (dotted)', fontsize=9)
+    shapes.legend(fontsize=6)
+    for i, (d, low, high) in enumerate(points):
+        diffs.errorbar([i], [d], yerr=[[d - low], [high - d]], marker='o', capsize=3, color='C0')
+    diffs.axhline(0, color='black', linewidth=1)
+    diffs.set_xticks(range(len(labels)), labels, fontsize=6)
+    diffs.set_ylim(-4, 4)
+    diffs.set_ylabel('learned minus geometric, test (points, 95% CI)')
+    diffs.set_title('paired difference at equal FLOPs', fontsize=9)
+    for ax in (shapes, diffs):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@error_boundary
+def main(argv=None) -> int:
+    parser = ArgumentParser(prog='search_study_report', description=__doc__.splitlines()[0])
+    parser.add_argument('outs', nargs='+', help='OUT folders of experiments/search_study.sh (one per backbone)')
+    parser.add_argument('--figure', default='figures/search_study.png', help='where the figure goes')
+    args = parser.parse_args(argv)
+    missing = [out for out in args.outs if not searches(out)]
+    if missing:
+        raise UserError(f'no finished search evaluations in {", ".join(missing)}: run experiments/search_study.sh')
+    print(tables(args.outs))
+    figure(args.outs, args.figure)
+    print(f'figure: {args.figure}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
