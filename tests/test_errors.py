@@ -1,6 +1,7 @@
 """Bad input to every entry point: exactly one `error:` line, a non-zero exit, no traceback, and
 the files of a finished run untouched (byte-identical); a run killed while writing a checkpoint
-resumes from the last complete one."""
+resumes from the last complete one; a run that turns non-finite stops at its step; the error
+boundary reports any exception in one line."""
 import hashlib
 import json
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import benchmark
 import compare
@@ -19,6 +21,7 @@ import predict
 import results
 import visualize
 from conftest import ROOT
+from sdt2net.utils import UserError, error_boundary
 from test_pipeline import FAST, MODEL, TARGET, make_image_folder
 
 COMMON = ['--model', MODEL, '--target_flops', TARGET] + FAST
@@ -188,3 +191,60 @@ def test_run_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_on
     assert resumed.returncode == 0, resumed.stderr
     assert not [p.name for p in out.iterdir() if '.tmp' in p.name], 'stale temporary files are cleaned'
     assert [json.loads(line)['epoch'] for line in open(out / 'log.txt')] == [0, 1]
+
+
+@pytest.mark.parametrize('poison', ['weights', 'rates'])
+def test_training_that_turns_non_finite_stops_at_its_step_and_keeps_the_last_checkpoint(tmp_path, capsys,
+                                                                                      monkeypatch, poison):
+    """Weights (or rates) turned NaN before epoch 1: the run stops in epoch 1 at step 0 with one line
+    that names the last complete checkpoint, which is left exactly as epoch 0 wrote it."""
+    data, out = make_image_folder(tmp_path / 'data'), tmp_path / 'out'
+    argv = [str(a) for a in ['--data-path', data, '--output_dir', out] + COMMON]
+    assert entry.run(argv + ['--epochs', '1']) == 0
+    complete = snapshot(out)
+    train_one_epoch = entry.train_one_epoch
+
+    def poisoned(model, **kwargs):
+        with torch.no_grad():
+            target = model.rates.logits if poison == 'rates' else model.blocks[3].mlp.fc1.weight
+            target.fill_(float('nan'))
+        return train_one_epoch(model, **kwargs)
+    monkeypatch.setattr(entry, 'train_one_epoch', poisoned)
+    capsys.readouterr()
+    code = entry.run(argv + ['--epochs', '2', '--autoresume'])
+    err = capsys.readouterr().err
+    assert_one_error_line(code, '', err, ['epoch 1 at step 0', str(out / 'checkpoint.pth'), '(epoch 0)'])
+    assert {k: v for k, v in snapshot(out).items() if k != 'args.json'} == \
+        {k: v for k, v in complete.items() if k != 'args.json'}
+
+
+def test_evaluating_a_checkpoint_with_non_finite_weights_is_refused(tmp_path, capsys):
+    data, out = make_image_folder(tmp_path / 'data'), tmp_path / 'out'
+    assert entry.run([str(a) for a in ['--data-path', data, '--output_dir', out, '--epochs', '1'] + COMMON]) == 0
+    state = torch.load(out / 'model_best.pth', weights_only=True)
+    state['model']['head.weight'][0, 0] = float('inf')
+    torch.save(state, tmp_path / 'diverged.pth')
+    capsys.readouterr()
+    for tool, argv in ((entry.run, ['--data-path', data, '--eval', '--resume', tmp_path / 'diverged.pth'] + COMMON),
+                       (predict.main, [tmp_path / 'diverged.pth', data / 'val'])):
+        code = tool([str(a) for a in argv])
+        assert_one_error_line(code, '', capsys.readouterr().err, ['not finite', 'head.weight'])
+
+
+class BrokenMessage(Exception):
+    def __str__(self):
+        raise RuntimeError('formatting fails too')
+
+
+@pytest.mark.parametrize('error', [
+    UserError(''), UserError('first line\nsecond line\n'), UserError(42, ['not', 'a', 'string']),
+    OSError(), OSError(2, None), OSError(13, 'Permission denied', b'bytes/path'), ValueError('\n\n'),
+    BrokenMessage(), KeyError(None), RuntimeError('a\r\nb'),
+], ids=lambda e: type(e).__name__ + ':' + repr(getattr(e, 'args', ''))[:20])
+def test_the_error_boundary_reports_any_exception_in_one_line(capsys, error):
+    @error_boundary
+    def tool():
+        raise error
+    code = tool()
+    err = capsys.readouterr().err
+    assert code in (1, 2) and err.count('\n') == 1 and err.startswith('error: ') and len(err.strip()) > len('error:')
