@@ -463,8 +463,8 @@ def run(argv=None) -> int:
     except UnreadableImageError as error:  # raised in a loader worker: its last line names the file
         raise UserError(error_line(error).split('; ')[-1]) from None
     except (NonFiniteError, ReplicasDisagreeError) as error:
-        print(f'error: {error_line(error)}; stopped: {last_checkpoint(args.output_dir)} (lower --lr or --arch-lr, or set '
-              f'--clip-grad)', file=sys.stderr)
+        print(f'error: {error_line(error)}; stopped: {last_checkpoint(args.output_dir)} (lower --lr or '
+              f'--arch-lr, or set --clip-grad)', file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f'error: interrupted; {last_checkpoint(args.output_dir)}', file=sys.stderr)

@@ -47,7 +47,8 @@ def main(argv=None) -> int:
             parser.error('--explain needs a checkpoint (the token groups come from the PyTorch model)')
         missing = [name for name in ('onnx', 'onnxruntime') if importlib.util.find_spec(name) is None]
         if missing:
-            raise UserError(f'running {args.checkpoint} needs {", ".join(missing)}: pip install -r requirements-export.txt')
+            raise UserError(f'running {args.checkpoint} needs {", ".join(missing)}: '
+                            f'pip install -r requirements-export.txt')
         from sdt2net.onnx_export import OnnxClassifier
         model, device = OnnxClassifier(args.checkpoint), torch.device('cpu')
         transform = eval_transform(model.input_size, model.mean, model.std)

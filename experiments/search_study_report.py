@@ -3,7 +3,10 @@ learned schedule against the geometric and ToMe merge schedules at the FLOPs it 
 differences on the same images, 95% bootstrap intervals, on val/ and test/); DiffRate's merge rule
 against the size-weighted one; the learned schedules' shapes.
 
-    python -m experiments.search_study_report OUT [OUT ...] [--figure figures/search_study.png]
+    python -m experiments.search_study_report OUT [OUT ...] [--figure figures/search_study.png] [--write-schedules]
+
+--write-schedules puts into compression_rate.json, for every budget searched on the first OUT, the
+schedule of the recipe that did best against the geometric schedule on val/, with its provenance.
 """
 import glob
 import os
@@ -12,9 +15,10 @@ import sys
 
 import matplotlib
 
-from sdt2net.runs import read_json
+from sdt2net.models import Schedule
+from sdt2net.schedule_file import DEFAULT_FILE, save_schedule
 from sdt2net.stats import compare_files
-from sdt2net.utils import ArgumentParser, UserError, error_boundary
+from sdt2net.utils import ArgumentParser, UserError, error_boundary, read_json
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
@@ -50,8 +54,8 @@ def searches(out: str):
 
 def tables(outs) -> str:
     lines = ['| backbone | budget | recipe | schedule found (kept tokens after each block) | GFLOPs | top-1 test | '
-             'minus geometric, val [95% CI] | minus geometric, test | minus ToMe, test |', '|---|---|---|---|---|---|---|---|---|']
-    rules = ['| backbone | budget | DiffRate rule top-1 test | minus size-weighted, val [95% CI] | test |', '|---|---|---|---|---|']
+             'minus geometric, val [95% CI] | minus geometric, test | minus ToMe, test |', '|---' * 9 + '|']
+    rules = ['| backbone | budget | DiffRate rule top-1 test | minus size-weighted, val [95% CI] | test |', '|---' * 5 + '|']
     for out in outs:
         dense = evaluation(out, 'test', 'dense')
         label = os.path.basename(os.path.normpath(out)) + (f' (dense {dense["acc1"]:.2f}%)' if dense else '')
@@ -59,7 +63,8 @@ def tables(outs) -> str:
             name = f'{recipe}_{budget}'
             metrics = evaluation(out, 'test', name)
             kept = ', '.join(str(k) for k in metrics['merge_kept_num'])
-            lines.append(f'| {label} | {budget} | {recipe} | {kept} | {metrics["gflops"]:.4f} | {metrics["acc1"]:.2f} | '
+            lines.append(f'| {label} | {budget} | {recipe} | {kept} | {metrics["gflops"]:.4f} | '
+                         f'{metrics["acc1"]:.2f} | '
                          f'{cell(paired(out, "val", name, name + "_geometric"))} | '
                          f'{cell(paired(out, "test", name, name + "_geometric"))} | '
                          f'{cell(paired(out, "test", name, name + "_tome"))} |')
@@ -107,11 +112,41 @@ def figure(outs, path: str) -> None:
     plt.close(fig)
 
 
+def write_schedules(out: str) -> None:
+    """Per budget, the recipe chosen on val/ (its lead over the geometric schedule), into
+    compression_rate.json with what produced it and how it compared on test/."""
+    dense = evaluation(out, 'test', 'dense')
+    for budget in sorted({b for _, b in searches(out)}, key=float, reverse=True):
+        scored = [(paired(out, 'val', f'{r}_{budget}', f'{r}_{budget}_geometric'), r)
+                  for r, b in searches(out) if b == budget]
+        scored = [(diff[0], recipe) for diff, recipe in scored if diff is not None]
+        if not scored:
+            continue
+        _, recipe = max(scored)
+        name = f'{recipe}_{budget}'
+        metrics = evaluation(out, 'test', name)
+        versus = paired(out, 'test', name, name + '_geometric')
+        save_schedule(DEFAULT_FILE, 'sdt2net_tiny_patch16_224', float(budget),
+                      Schedule(metrics['prune_kept_num'], metrics['merge_kept_num']),
+                      gflops=round(metrics['gflops'], 4), input_size=112, provenance={
+                          'data': 'NWPU-RESISC45 of ../shared/datasets (search on train/, recipe chosen on val/, '
+                                  'top-1 on test/)',
+                          'protocol': f'rate-only search, recipe "{recipe}" of experiments/search_study.sh, on the '
+                                      f'frozen dense DeiT-Tiny (EAB/FTF off, 112 px) of {os.path.basename(out)}; '
+                                      'no fine-tuning',
+                          'top1_test': round(metrics['acc1'], 2), 'dense_top1_test': round(dense['acc1'], 2),
+                          'minus_geometric_merge_test': f'{versus[0]:+.2f} [{versus[1]:+.2f}, {versus[2]:+.2f}]',
+                          'command': 'experiments/search_study.sh, then python -m experiments.search_study_report '
+                                     '--write-schedules'})
+
+
 @error_boundary
 def main(argv=None) -> int:
     parser = ArgumentParser(prog='search_study_report', description=__doc__.splitlines()[0])
     parser.add_argument('outs', nargs='+', help='OUT folders of experiments/search_study.sh (one per backbone)')
     parser.add_argument('--figure', default='figures/search_study.png', help='where the figure goes')
+    parser.add_argument('--write-schedules', action='store_true',
+                        help='put the schedules chosen on val/ of the first OUT into compression_rate.json')
     args = parser.parse_args(argv)
     missing = [out for out in args.outs if not searches(out)]
     if missing:
@@ -119,6 +154,8 @@ def main(argv=None) -> int:
     print(tables(args.outs))
     figure(args.outs, args.figure)
     print(f'figure: {args.figure}')
+    if args.write_schedules:
+        write_schedules(args.outs[0])
     return 0
 
 

@@ -19,7 +19,7 @@ import torch
 from sdt2net import models
 from sdt2net.models import Schedule
 from sdt2net.schedule_file import diffrate_key, save_schedule
-from sdt2net.utils import UserError, atomic_torch_save, atomic_write_text, error_line, rng_state
+from sdt2net.utils import UserError, atomic_torch_save, atomic_write_text, error_line, read_json, rng_state
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
@@ -187,7 +187,8 @@ def network_mismatch(stored: Optional[Dict[str, Any]], args) -> Optional[str]:
             has = not stored[key]
             return f'it {"has" if has else "has no"} {COMPONENTS[key]}: {"remove" if has else "add"} {flag}'
         if isinstance(stored[key], bool):
-            return f'it was trained {"with" if stored[key] else "without"} {flag}: {"add" if stored[key] else "remove"} {flag}'
+            verb = 'add' if stored[key] else 'remove'
+            return f'it was trained {"with" if stored[key] else "without"} {flag}: {verb} {flag}'
         return f'{flag} {getattr(args, key)} but the checkpoint has {stored[key]}; use {flag} {stored[key]}'
     return None
 
@@ -301,7 +302,8 @@ def read_run(folder: str) -> Optional[Dict]:
                   'gflops': last.get('train_gflops'), 'parameters': last.get('n_parameters'),
                   'prune_kept_num': last.get('prune_kept_num'), 'merge_kept_num': last.get('merge_kept_num')}
     for key in NUMBER_KEYS:
-        if not (record.get(key) is None or (isinstance(record[key], (int, float)) and not isinstance(record[key], bool))):
+        value = record.get(key)
+        if not (value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))):
             raise UserError(f'{source}: {key} is not a number')
     for key in COUNT_KEYS:
         value = record.get(key)
@@ -309,20 +311,6 @@ def read_run(folder: str) -> Optional[Dict]:
                                   and all(isinstance(c, int) and not isinstance(c, bool) for c in value))):
             raise UserError(f'{source}: {key} is not a list of token counts')
     return {**record, 'args': args}
-
-
-def read_json(path: str) -> Dict:
-    """A JSON object from a file; UserError if the file is missing, unreadable or not an object."""
-    if not os.path.isfile(path):
-        raise UserError(f'missing {path}')
-    try:
-        with open(path, 'rb') as f:
-            value = json.loads(f.read().decode('utf-8'))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise UserError(f'{path} is not valid JSON ({error_line(error)})') from None
-    if not isinstance(value, dict):
-        raise UserError(f'{path} does not hold a JSON object')
-    return value
 
 
 def read_log(run: str) -> List[Dict]:

@@ -10,7 +10,7 @@ import re
 from typing import Dict, List, Optional
 
 from sdt2net.models.schedule import Schedule
-from sdt2net.utils import UserError, atomic_write_text
+from sdt2net.utils import UserError, atomic_write_text, read_json
 
 DEFAULT_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'compression_rate.json')
 
@@ -44,14 +44,7 @@ def read_file(path: str) -> Dict:
     """The table of a compression_rate.json; UserError if it is missing, unreadable or not a table."""
     if not os.path.isfile(path):
         raise UserError(f'compression-rate file not found: {path}')
-    try:
-        with open(path, 'rb') as f:
-            table = json.loads(f.read().decode('utf-8'))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise UserError(f'{path} is not valid JSON: {str(error).splitlines()[0] if str(error) else error!r}') from None
-    if not isinstance(table, dict):
-        raise UserError(f'{path} is not a compression_rate.json: it holds a {type(table).__name__}, not an object')
-    return table
+    return read_json(path)
 
 
 def load_schedule(path: str, model_name: str, target_flops: float) -> Schedule:

@@ -1,4 +1,4 @@
-"""Distributed helpers, logging with ETA, atomic checkpoint I/O, RNG state and errors for users."""
+"""Errors for users, distributed helpers, RNG state, atomic file writes and JSON reads, logging with ETA."""
 import argparse
 import datetime
 import functools
@@ -61,7 +61,8 @@ def error_boundary(main: Callable[..., Optional[int]]) -> Callable[..., int]:
         except Exception as error:  # a case no check foresaw: still one line, never a traceback dump
             if os.environ.get('SDT2NET_TRACEBACK'):
                 raise
-            message, status = f'unexpected {type(error).__name__}: {error_line(error)} (SDT2NET_TRACEBACK=1 shows where)', 1
+            message = f'unexpected {type(error).__name__}: {error_line(error)} (SDT2NET_TRACEBACK=1 shows where)'
+            status = 1
         print(f'error: {message}', file=sys.stderr)
         return status
     return bounded
@@ -198,8 +199,18 @@ def append_json_line(record: Dict[str, Any], path: str) -> None:
     with open(path, 'a') as f:
         f.write(json.dumps(record) + '\n')
 
-
-# --- timing ---------------------------------------------------------------------------------
+def read_json(path: str) -> Dict:
+    """A JSON object from a file; UserError if the file is missing, unreadable or not an object."""
+    if not os.path.isfile(path):
+        raise UserError(f'missing {path}')
+    try:
+        with open(path, 'rb') as f:
+            value = json.loads(f.read().decode('utf-8'))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise UserError(f'{path} is not valid JSON ({error_line(error)})') from None
+    if not isinstance(value, dict):
+        raise UserError(f'{path} does not hold a JSON object')
+    return value
 
 
 # --- logging ----------------------------------------------------------------------------------

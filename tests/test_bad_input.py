@@ -211,9 +211,9 @@ def test_main_eval_of_bad_schedule_files(world, data):
     raw = data.draw(st.one_of(st.just(json.dumps(table).encode()),
                               derived_bytes((world['run'] / 'compression_rate.json').read_bytes())))
     path.write_bytes(raw)
-    assert_clean_outcome(entry.run, ['--data-path', world['data'], '--eval', '--resume', world['run'] / 'checkpoint.pth',
-                                     '--load_compression_rate', '--compression-rate-file', path,
-                                     '--throughput-batch', '0'] + COMMON, world)
+    assert_clean_outcome(entry.run, ['--data-path', world['data'], '--eval', '--resume',
+                                     world['run'] / 'checkpoint.pth', '--load_compression_rate',
+                                     '--compression-rate-file', path, '--throughput-batch', '0'] + COMMON, world)
 
 
 @given(data=st.data())
@@ -265,8 +265,8 @@ def test_predict_and_export_of_bad_checkpoints_and_release_files(world, data):
     source = data.draw(st.sampled_from(['model_best.pth', 'release']))
     good = world['root'] / 'release.pth' if source == 'release' else world['run'] / source
     path = fresh(world, 'model.pth')
-    path.write_bytes(data.draw(st.one_of(derived_bytes(good.read_bytes()),
-                                         checkpoint_of_wrong_shape(torch.load(good, weights_only=True)).map(torch_bytes))))
+    wrong_shape = checkpoint_of_wrong_shape(torch.load(good, weights_only=True)).map(torch_bytes)
+    path.write_bytes(data.draw(st.one_of(derived_bytes(good.read_bytes()), wrong_shape)))
     if data.draw(st.booleans()):
         assert_clean_outcome(predict.main, [path, world['data'] / 'val', '--out', path.parent / 'p.jsonl'], world)
     else:
@@ -295,11 +295,13 @@ def test_compare_bad_predictions(world, data):
     good = (world['run'] / 'eval' / 'predictions.csv').read_bytes()
     path = fresh(world, 'predictions.csv')
     lines = good.decode().splitlines()
+    def with_header(rows):
+        return '\n'.join(lines[:1] + rows).encode()
+    cells = st.text(max_size=5).filter(lambda t: ',' not in t and '\n' not in t and '\r' not in t)
     path.write_bytes(data.draw(st.one_of(
         derived_bytes(good),
-        st.lists(st.sampled_from(lines[1:]), max_size=6).map(lambda rows: '\n'.join(lines[:1] + rows).encode()),
-        st.lists(st.lists(st.text(max_size=5).filter(lambda t: ',' not in t and '\n' not in t and '\r' not in t),
-                          max_size=5).map(','.join), max_size=5).map(lambda rows: '\n'.join(lines[:1] + rows).encode()))))
+        st.lists(st.sampled_from(lines[1:]), max_size=6).map(with_header),
+        st.lists(st.lists(cells, max_size=5).map(','.join), max_size=5).map(with_header))))
     resamples = data.draw(st.sampled_from(['1000', '0', '-5', '10']))
     assert_clean_outcome(compare.main, [path, world['run'] / 'eval' / 'predictions.csv', '--resamples', resamples],
                          world)

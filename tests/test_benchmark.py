@@ -38,7 +38,8 @@ def test_onnx_part_reports_the_deployed_ratios(tmp_path):
     for batch in (1, 3):
         for ratio in ('speedup/flops-ratio EAB/FTF off', 'speedup/flops-ratio EAB+FTF', 'EAB+FTF at DeiT FLOPs / timm',
                       'onnxruntime over eager'):
-            assert math.isfinite(results[f'onnx tiny {ratio} batch {batch}']) and results[f'onnx tiny {ratio} batch {batch}'] > 0
+            value = results[f'onnx tiny {ratio} batch {batch}']
+            assert math.isfinite(value) and value > 0
 
 
 @pytest.mark.skipif(not os.path.exists(REFERENCE_SCHEDULES), reason='needs ../shared/reference')
