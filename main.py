@@ -203,6 +203,12 @@ def validate_args(args, parser: argparse.ArgumentParser) -> None:
                 flag = '--' + dest if dest in UNDERSCORE_FLAGS else '--' + dest.replace('_', '-')
                 span = f'in [{low}, {high}]' if high is not None else f'at least {low}'
                 parser.error(f'{flag} must be a finite number {span}, got {item}')
+    for name, values, counts in (('--cutmix-minmax', args.cutmix_minmax, (2,)), ('--opt-betas', args.opt_betas, (2,)),
+                                 ('--lr-noise', args.lr_noise, (1, 2))):
+        if values is not None and len(values) not in counts:
+            parser.error(f'{name} takes {" or ".join(map(str, counts))} numbers, got {len(values)}')
+    if args.cutmix_minmax is not None and not args.cutmix_minmax[0] < args.cutmix_minmax[1]:
+        parser.error(f'--cutmix-minmax must be a range low < high, got {args.cutmix_minmax}')
     fixed = args.load_compression_rate or args.fixed_schedule
     if fixed and args.search_mode in ('joint', 'arch'):
         parser.error(f'--search-mode {args.search_mode} searches the rates, but the schedule is fixed '

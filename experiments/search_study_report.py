@@ -73,7 +73,13 @@ def tables(outs) -> str:
             a, b = f'rule_diffrate_{budget}', f'rule_size-weighted_{budget}'
             rules.append(f'| {label} | {budget} | {read_json(path)["acc1"]:.2f} | {cell(paired(out, "val", a, b))} | '
                          f'{cell(paired(out, "test", a, b))} |')
-    return '\n'.join(lines) + '\n\n' + '\n'.join(rules)
+    recipes = ['| backbone | budget | anneal minus diffrate, val [95% CI] | test |', '|---' * 4 + '|']
+    for out in outs:
+        for budget in sorted({b for r, b in searches(out) if r == 'anneal'}, key=float, reverse=True):
+            a, b = f'anneal_{budget}', f'diffrate_{budget}'
+            recipes.append(f'| {os.path.basename(os.path.normpath(out))} | {budget} | {cell(paired(out, "val", a, b))} | '
+                           f'{cell(paired(out, "test", a, b))} |')
+    return '\n'.join(lines) + '\n\n' + '\n'.join(rules) + '\n\n' + '\n'.join(recipes)
 
 
 def figure(outs, path: str) -> None:

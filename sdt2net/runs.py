@@ -52,9 +52,11 @@ def create_model(args, num_classes: int) -> models.SDT2Net:
             eab_shared=not args.eab_separate, granularity=args.granularity, merge_rule=args.merge_rule)
     except (OSError, RuntimeError) as error:  # hub download failures surface as these
         if not args.pretrained:
-            raise
-        raise UserError(f'could not fetch the pretrained DeiT weights ({str(error).splitlines()[0]}); '
+            raise UserError(f'cannot build {args.model} with these flags: {error_line(error)}') from None
+        raise UserError(f'could not fetch the pretrained DeiT weights ({error_line(error)}); '
                         f'offline, pass a local checkpoint with --finetune PATH') from None
+    except (ValueError, TypeError, AssertionError) as error:  # e.g. --eab-groups that does not divide the width
+        raise UserError(f'cannot build {args.model} with these flags: {error_line(error)}') from None
 
 
 def load_weights(model: models.SDT2Net, path: str) -> Dict[str, Any]:
