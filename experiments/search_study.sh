@@ -4,8 +4,10 @@
 # merge rule against the size-weighted one, then searches of several recipes at each budget, each
 # compared with the geometric (same fraction) and ToMe (same count) merge schedules at the FLOPs it
 # reached, on val/ (to choose) and test/ (to report). Restartable: a finished stage is skipped.
+# TUNE_BUDGETS="0.185" then fine-tunes, at each of those budgets, the anneal recipe's schedule and the
+# geometric one at its FLOPs for EPOCHS epochs (experiments/recipes.sh) with the seeds of TUNE_SEEDS.
 # Usage: [SEED=0] [BACKBONE_EPOCHS=40] [SLOTS=2] [BUDGETS="0.185 0.145"] [RECIPES="diffrate anneal"]
-#        experiments/search_study.sh [DATA] [OUT]
+#        [TUNE_BUDGETS="0.185"] [TUNE_SEEDS="0 1 2"] experiments/search_study.sh [DATA] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/recipes.sh "$@"
@@ -81,4 +83,18 @@ merge_rules
 JOBS=()
 for t in "${BUDGETS[@]}"; do for r in "${RECIPES[@]}"; do JOBS+=("search $r $t"); done; done
 run_pool "$OUT/locks" "${JOBS[@]}"
+if [[ -n "${TUNE_BUDGETS:-}" ]]; then  # fine-tuning under the learned and the geometric schedule, on test/
+  mkdir -p "$OUT/tuned"
+  JOBS=()
+  for t in $TUNE_BUDGETS; do
+    dir="$OUT/search_anneal_$t" g=$(reached "$OUT/search_anneal_$t" "$t")
+    for seed in ${TUNE_SEEDS:-0 1 2}; do
+      JOBS+=("tune_and_test $OUT/tuned/anneal_${t}_seed$seed $seed deit --finetune $dir/checkpoint.pth \
+--load_compression_rate --compression-rate-file $dir/compression_rate.json --target_flops $t")
+      JOBS+=("tune_and_test $OUT/tuned/geometric_${t}_seed$seed $seed deit --finetune $BACKBONE \
+--fixed-schedule geometric --target_flops $g")
+    done
+  done
+  run_pool "$OUT/locks_tune" "${JOBS[@]}"
+fi
 echo "done: $OUT"
