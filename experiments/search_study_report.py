@@ -108,7 +108,7 @@ def figure(outs, path: str) -> None:
         diffs.errorbar([i], [d], yerr=[[d - low], [high - d]], marker='o', capsize=3, color='C0')
     diffs.axhline(0, color='black', linewidth=1)
     diffs.set_xticks(range(len(labels)), labels, fontsize=6)
-    diffs.set_ylim(-4, 4)
+    diffs.set_ylim(-5, 3)  # 8 points; the 95% intervals are about +-0.8
     diffs.set_ylabel('learned minus geometric, test (points, 95% CI)')
     diffs.set_title('paired difference at equal FLOPs', fontsize=9)
     for ax in (shapes, diffs):

@@ -12,7 +12,8 @@ from typing import Dict, List, Optional
 from sdt2net.models.schedule import Schedule
 from sdt2net.utils import UserError, atomic_write_text, read_json
 
-DEFAULT_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'compression_rate.json')
+# the schedules shipped with the repository, at its root
+DEFAULT_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'compression_rate.json')
 
 # DiffRate's keys for the DeiT models that our model names build.
 DIFFRATE_KEYS = {

@@ -381,3 +381,20 @@ def test_launcher_names_the_process_that_failed(tmp_path):
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert result.stderr.strip() == 'error: process 1 of 2: disk full on this node'
     assert (log_dir / 'rank0.err').exists() and (log_dir / 'rank1.err').exists()
+
+
+def test_the_shipped_schedules_are_the_default_file_and_fit_their_model():
+    """--load_compression_rate without a file reads the repository's compression_rate.json; every
+    entry it ships loads and fits the model and input size it was searched for, at its GFLOPs."""
+    from sdt2net import models
+    from sdt2net.schedule_file import DEFAULT_FILE
+    assert os.path.samefile(DEFAULT_FILE, os.path.join(ROOT, 'compression_rate.json'))
+    table = json.load(open(DEFAULT_FILE))
+    assert table
+    for name, entries in table.items():
+        for target, entry in entries.items():
+            model = models.SDT2Net(img_size=entry['input_size'], patch_size=16, embed_dim=192, depth=12, num_heads=3,
+                                   num_classes=45, eab=False, ftf=False)
+            schedule = load_schedule(DEFAULT_FILE, name, float(target))
+            schedule.check(12, model.patch_embed.num_patches)
+            assert abs(schedule.flops(model.shape()) / 1e9 - entry['gflops']) < 1e-3
