@@ -17,7 +17,8 @@ import matplotlib
 
 from sdt2net.models import Schedule
 from sdt2net.schedule_file import DEFAULT_FILE, save_schedule
-from sdt2net.stats import compare_files
+from sdt2net.runs import seed_runs
+from sdt2net.stats import compare_files, summarise
 from sdt2net.utils import ArgumentParser, UserError, error_boundary, read_json
 
 matplotlib.use('Agg')
@@ -79,7 +80,25 @@ def tables(outs) -> str:
             a, b = f'anneal_{budget}', f'diffrate_{budget}'
             recipes.append(f'| {os.path.basename(os.path.normpath(out))} | {budget} | {cell(paired(out, "val", a, b))} | '
                            f'{cell(paired(out, "test", a, b))} |')
-    return '\n'.join(lines) + '\n\n' + '\n'.join(rules) + '\n\n' + '\n'.join(recipes)
+    tuned = ['| backbone | fine-tuned schedule | GFLOPs | top-1 test per seed | mean +- sd | '
+             'minus geometric per seed [95% CI] |',
+             '|---' * 6 + '|']
+    for out in outs:
+        runs = seed_runs(os.path.join(out, 'tuned'))
+        for name in sorted(n for n in runs if n.startswith('anneal_')):
+            rival = name.replace('anneal_', 'geometric_')
+            for row in (summarise(runs, name, rival), summarise(runs, rival) if rival in runs else None):
+                if row is None:
+                    continue
+                diffs = '; '.join(cell((c['difference'], c['ci_low'], c['ci_high'])) for c in row['per_seed']) or '-'
+                if row['pooled']:
+                    pooled = row['pooled']
+                    diffs += f'; seed-averaged {cell((pooled["difference"], pooled["ci_low"], pooled["ci_high"]))}'
+                tuned.append(f'| {os.path.basename(os.path.normpath(out))} | {row["name"]} | '
+                             f'{row["metrics"]["gflops"]:.4f} | '
+                             f'{" / ".join(f"{a:.2f}" for a in row["top1"])} (seeds {", ".join(map(str, row["seeds"]))}) | '
+                             f'{row["mean"]:.2f} +- {row["sd"]:.2f} | {diffs} |')
+    return '\n\n'.join('\n'.join(t) for t in (lines, rules, recipes, tuned) if len(t) > 2)
 
 
 def figure(outs, path: str) -> None:
