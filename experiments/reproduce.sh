@@ -12,9 +12,9 @@ OUT=${2:-output/offtheshelf}
 DENSE_START=1 LONG=0.115 experiments/offtheshelf.sh "$DATA" "$OUT"
 experiments/finetune.sh "$DATA" "$OUT"
 experiments/ablation.sh "$DATA" "$OUT"
-SEED=0 BACKBONE_EPOCHS=40 experiments/search_study.sh "$DATA" output/study_s0
-SEED=1 BACKBONE_EPOCHS=20 experiments/search_study.sh "$DATA" output/study_s1
+SEED=0 BACKBONE_EPOCHS=40 TUNE_BUDGETS=0.185 experiments/search_study.sh "$DATA" output/s0
+SEED=1 BACKBONE_EPOCHS=20 experiments/search_study.sh "$DATA" output/s1
 PY=${PY:-.venv/bin/python}
 "$PY" -m experiments.offtheshelf_report "$OUT" --write-schedules
 "$PY" -m experiments.ablation_report "$OUT" --throughput
-"$PY" -m experiments.search_study_report output/study_s0 output/study_s1
+"$PY" -m experiments.search_study_report output/s0 output/s1 --write-schedules
