@@ -11,19 +11,18 @@ loads the weights of. `onnx` writes the evaluation model under its fixed schedul
 with --check, runs it in onnxruntime on real images against PyTorch.
 """
 import argparse
-import importlib.util
 import json
 import os
 import sys
 
 from sdt2net.data import batches, build_transform, collect_images
+from sdt2net.onnx_export import (ONNX_OPSET, OUTLIER_SHARE, PARITY_TOLERANCE, compare_with_onnxruntime, export_onnx,
+                                 onnx_metadata, require_packages)
 from sdt2net.runs import load_trained_model, write_release
 from sdt2net.utils import ArgumentParser, UserError, error_boundary
 
 
 def onnx_command(args) -> int:
-    from sdt2net.onnx_export import (ONNX_OPSET, OUTLIER_SHARE, PARITY_TOLERANCE, compare_with_onnxruntime, export_onnx,
-                                     onnx_metadata)
     model, run_args = load_trained_model(args.checkpoint)
     metadata = onnx_metadata(model, run_args.input_size, args.checkpoint)
     export_onnx(model, args.out, run_args.input_size, metadata, optimize=not args.no_optimize)
@@ -79,10 +78,7 @@ def main(argv=None) -> int:
     if not os.path.isdir(folder):
         raise UserError(f'cannot write {args.out}: the folder {folder} does not exist')
     if args.command == 'onnx':
-        missing = [name for name in ('onnx', 'onnxruntime', 'onnxscript') if importlib.util.find_spec(name) is None]
-        if missing:
-            raise UserError(f'ONNX export needs the optional packages of requirements-export.txt '
-                            f'({", ".join(missing)} missing): pip install -r requirements-export.txt')
+        require_packages('ONNX export')
         return onnx_command(args)
     return release_command(args)
 

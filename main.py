@@ -35,6 +35,7 @@ from sdt2net.utils import (ArgumentParser, NonFiniteError, ReplicasDisagreeError
                            atomic_write_text, check_replicas_agree, error_boundary, error_line, get_world_size,
                            init_distributed, is_distributed, is_main_process, seed_everything, set_rng_state, unwrap)
 
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog='main.py', description='SDT2Net: search a compression schedule, fine-tune '
                                 'under one, or evaluate.', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -263,9 +264,6 @@ def build_optimizers(model: models.SDT2Net, args, search_mode: str):
         schedulers['arch'], _ = create_scheduler_v2(optimizers['arch'], sched='cosine', num_epochs=args.epochs,
                                                     min_lr=args.arch_min_lr, warmup_epochs=0)
     return optimizers, schedulers
-
-
-# Flags that change the shapes of the model's tensors, by their args.json key.
 
 
 def restore_training_state(state: Dict, optimizers, schedulers, precision, model_ema) -> Tuple[int, float]:

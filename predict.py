@@ -11,7 +11,6 @@ skipped.
 """
 import argparse
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -21,6 +20,7 @@ from typing import Dict, List
 import torch
 
 from sdt2net.data import batches, build_transform, collect_images, eval_transform
+from sdt2net.onnx_export import OnnxClassifier, require_packages
 from sdt2net.runs import load_trained_model
 from sdt2net.utils import ArgumentParser, UserError, atomic_write_text, error_boundary
 
@@ -45,11 +45,7 @@ def main(argv=None) -> int:
     if args.checkpoint.endswith('.onnx'):  # the deployed graph: onnxruntime on the CPU
         if args.explain:
             parser.error('--explain needs a checkpoint (the token groups come from the PyTorch model)')
-        missing = [name for name in ('onnx', 'onnxruntime') if importlib.util.find_spec(name) is None]
-        if missing:
-            raise UserError(f'running {args.checkpoint} needs {", ".join(missing)}: '
-                            f'pip install -r requirements-export.txt')
-        from sdt2net.onnx_export import OnnxClassifier
+        require_packages(f'running {args.checkpoint}', ('onnx', 'onnxruntime'))
         model, device = OnnxClassifier(args.checkpoint), torch.device('cpu')
         transform = eval_transform(model.input_size, model.mean, model.std)
     else:

@@ -1,5 +1,6 @@
 """The evaluation model as an ONNX graph (static token counts, dynamic batch), onnxruntime's
 runner, and the parity check of the two. Needs the optional packages of requirements-export.txt."""
+import importlib.util
 import json
 import os
 from typing import Dict, Iterable, Optional
@@ -9,6 +10,17 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from sdt2net import models
 from sdt2net.utils import UserError, atomic_write
+
+
+EXPORT_PACKAGES = ('onnx', 'onnxruntime', 'onnxscript')  # requirements-export.txt
+
+
+def require_packages(purpose: str, packages=EXPORT_PACKAGES) -> None:
+    """UserError naming the optional packages that `purpose` needs and that are not installed."""
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f'{purpose} needs the optional packages of requirements-export.txt ({", ".join(missing)} '
+                        f'missing): pip install -r requirements-export.txt')
 
 
 ONNX_OPSET = 18

@@ -142,14 +142,14 @@ def load_trained_model(path: str, checkpoint: Optional[Dict] = None) -> Tuple[mo
         raise UserError(f'{path} holds no run arguments and there is no args.json beside it')
     # the run's configuration, without fetching or loading its starting weights again
     args = SimpleNamespace(**{**MODEL_DEFAULTS, **stored, 'pretrained': False, 'finetune': ''})
+    model = create_model(args, num_classes=len(checkpoint['class_names']))
+    load_exactly(model, model_state(checkpoint, path), f'{path} does not fit the model its arguments describe')
     try:
-        model = create_model(args, num_classes=len(checkpoint['class_names']))
-        model.load_state_dict(model_state(checkpoint, path))
         schedule = checkpoint_schedule(checkpoint, path)
         if schedule is not None:
             model.fix_schedule(schedule[0])  # what the run used when it saved (learned: its hard counts)
-    except (RuntimeError, ValueError, TypeError, KeyError) as error:
-        raise UserError(f'{path} does not fit the model its arguments describe: {str(error).splitlines()[0]}') from None
+    except ValueError as error:  # a schedule that does not fit the model
+        raise UserError(f'{path}: its schedule does not fit the model ({error_line(error)})') from None
     model.class_names = list(checkpoint['class_names'])
     return model.eval(), args
 
@@ -158,7 +158,11 @@ def load_resumed_model(model: models.SDT2Net, state: Dict, path: str, args, clas
     """The resumed run's model state (weights and rates); its schedule is restored by
     resolve_schedule from the checkpoint's 'schedule' entry."""
     check_checkpoint_fits(state, path, args, class_names)
-    weights = model_state(state, path)
+    load_exactly(model, model_state(state, path), f'{path} does not fit {args.model} with these flags')
+
+
+def load_exactly(model: models.SDT2Net, weights: Dict[str, torch.Tensor], problem: str) -> None:
+    """Load every weight of the model and nothing else; UserError `problem`: what differs."""
     target = model.state_dict()
     mismatched = [f'{k}: checkpoint {tuple(v.shape)}, model {tuple(target[k].shape)}'
                   for k, v in weights.items() if k in target and v.shape != target[k].shape]
@@ -166,7 +170,7 @@ def load_resumed_model(model: models.SDT2Net, state: Dict, path: str, args, clas
     if mismatched or missing or unexpected:
         found = (f'missing {", ".join(missing[:3])}' if missing else '') + \
             (f' unexpected {", ".join(unexpected[:3])}' if unexpected else '') or mismatched[0]
-        raise UserError(f'{path} does not fit {args.model} with these flags: {found.strip()}')
+        raise UserError(f'{problem}: {found.strip()}')
     model.load_state_dict(weights)
 
 
