@@ -4,10 +4,10 @@
 # merge rule against the size-weighted one, then searches of several recipes at each budget, each
 # compared with the geometric (same fraction) and ToMe (same count) merge schedules at the FLOPs it
 # reached, on val/ (to choose) and test/ (to report). Restartable: a finished stage is skipped.
-# TUNE_BUDGETS="0.185" then fine-tunes, at each of those budgets, the anneal recipe's schedule and the
-# geometric one at its FLOPs for EPOCHS epochs (experiments/recipes.sh) with the seeds of TUNE_SEEDS.
+# TUNE_BUDGETS="0.185" then fine-tunes, at each of those budgets, the schedule of the recipe TUNE_RECIPE
+# (default anneal) and the geometric one at its FLOPs for EPOCHS epochs (experiments/recipes.sh) with the seeds of TUNE_SEEDS.
 # Usage: [SEED=0] [BACKBONE_EPOCHS=40] [SLOTS=2] [BUDGETS="0.185 0.145"] [RECIPES="diffrate anneal"]
-#        [TUNE_BUDGETS="0.185"] [TUNE_SEEDS="0 1 2"] experiments/search_study.sh [DATA] [OUT]
+#        [TUNE_BUDGETS="0.185"] [TUNE_RECIPE=anneal] [TUNE_SEEDS="0 1 2"] experiments/search_study.sh [DATA] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/recipes.sh "$@"
@@ -28,6 +28,9 @@ recipe() {  # the search flags of a recipe
     # every stage starts at its own count (the geometric schedule at 90% of the dense FLOPs) and
     # the budget slides to the target over the first two epochs
     anneal) echo "${DIFFRATE[@]}" --search-start geometric --search-start-flops 0.257 --anneal-epochs 2 ;;
+    # the same with four times the budget's weight: the squared penalty's pull, 2 lambda (F - target),
+    # vanishes near the target, and at 0.145 the anneal recipe settled 12% above it
+    anneal4x) echo "$(recipe anneal)" --flops-lambda 5200 ;;
     *) echo "unknown recipe $1" >&2; return 1 ;;
   esac
 }
@@ -87,9 +90,10 @@ if [[ -n "${TUNE_BUDGETS:-}" ]]; then  # fine-tuning under the learned and the g
   mkdir -p "$OUT/tuned"
   JOBS=()
   for t in $TUNE_BUDGETS; do
-    dir="$OUT/search_anneal_$t" g=$(reached "$OUT/search_anneal_$t" "$t")
+    recipe=${TUNE_RECIPE:-anneal} && dir="$OUT/search_${recipe}_$t"
+    g=$(reached "$dir" "$t")
     for seed in ${TUNE_SEEDS:-0 1 2}; do
-      JOBS+=("tune_and_test $OUT/tuned/anneal_${t}_seed$seed $seed deit --finetune $dir/checkpoint.pth \
+      JOBS+=("tune_and_test $OUT/tuned/${recipe}_${t}_seed$seed $seed deit --finetune $dir/checkpoint.pth \
 --load_compression_rate --compression-rate-file $dir/compression_rate.json --target_flops $t")
       JOBS+=("tune_and_test $OUT/tuned/geometric_${t}_seed$seed $seed deit --finetune $BACKBONE \
 --fixed-schedule geometric --target_flops $g")
