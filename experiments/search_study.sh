@@ -31,6 +31,9 @@ recipe() {  # the search flags of a recipe
     # the same with four times the budget's weight: the squared penalty's pull, 2 lambda (F - target),
     # vanishes near the target, and at 0.145 the anneal recipe settled 12% above it
     anneal4x) echo "$(recipe anneal)" --flops-lambda 5200 ;;
+    # the budget at the target after one epoch instead of two: Adam moves the rates by about the
+    # learning rate per step whatever lambda is, so the anneal recipe's lag is a matter of steps
+    anneal1) echo "${DIFFRATE[@]}" --search-start geometric --search-start-flops 0.257 --anneal-epochs 1 ;;
     *) echo "unknown recipe $1" >&2; return 1 ;;
   esac
 }
