@@ -34,6 +34,10 @@ recipe() {  # the search flags of a recipe
     # the budget at the target after one epoch instead of two: Adam moves the rates by about the
     # learning rate per step whatever lambda is, so the anneal recipe's lag is a matter of steps
     anneal1) echo "${DIFFRATE[@]}" --search-start geometric --search-start-flops 0.257 --anneal-epochs 1 ;;
+    # the anneal recipe at five times DiffRate's arch learning rate (0.05 -> 0.005): a start peaked at
+    # one count per stage needs logit changes of several units to move a count, which at about lr
+    # per Adam step takes more steps than the search has (anneal, anneal4x, anneal1 all lag)
+    anneal_lr5) echo "$(recipe anneal)" --arch-lr 0.05 --arch-min-lr 0.005 ;;
     *) echo "unknown recipe $1" >&2; return 1 ;;
   esac
 }
