@@ -10,11 +10,13 @@ See docs/benchmark.md for what each step should show, predicted against measured
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import tempfile
 import warnings
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Iterator, Tuple
+from unittest import mock
 
 import timm
 import torch
@@ -22,6 +24,7 @@ import torch
 from sdt2net import models  # registers the SDT2Net models with timm
 from sdt2net.schedule_file import load_schedule
 from sdt2net.losses import flops_penalty
+from sdt2net.models import sdt2net as sdt2net_module
 from sdt2net.models.ftf import add_ridge, weighted_covariance
 from sdt2net.models.sqrtm import eigh_sqrtm, pade_sqrtm
 from sdt2net.timing import inference, measure, retain_freed_memory
@@ -154,6 +157,22 @@ ONNX_SETTINGS = {'small': ('sdt2net_small_patch16_224', 'deit_small_patch16_224'
                  'tiny': ('sdt2net_tiny_patch16_224', 'deit_tiny_patch16_224', 112)}
 
 
+# The compressed EAB/FTF-off model exported with token_ops_as_slices(): what its schedule's token
+# counts alone run at, the floor that no cheaper ranking, gathering or merging can go below.
+FLOOR = 'floor EAB/FTF off'
+
+
+@contextlib.contextmanager
+def token_ops_as_slices() -> Iterator[None]:
+    """While active, every compression keeps the first tokens: no importance, ranking, gathers,
+    merging or sizes (so no proportional attention either), the same token counts."""
+    def first_tokens(x, state, importance, prune_kept, merge_kept, keep_masks=None, merge_rule=None):
+        kept = min(prune_kept, merge_kept, state.alive)
+        return x[:, :kept], dataclasses.replace(state, alive=kept, derived={})
+    with mock.patch.object(sdt2net_module, 'compress', first_tokens):
+        yield
+
+
 def onnx_nets(setting: str, size: int) -> Tuple[Dict[str, torch.nn.Module], Dict[str, float]]:
     """The exported models of one setting and their GFLOPs: timm's DeiT, ours dense and compressed
     with EAB/FTF off and on, and ours with EAB+FTF at the DeiT's FLOPs. Compressed: DiffRate's
@@ -180,6 +199,7 @@ def onnx_nets(setting: str, size: int) -> Tuple[Dict[str, torch.nn.Module], Dict
     except ValueError:
         same.fix_schedule(models.uniform_schedule(shape, deit_gflops, 'merge', 'ratio'))
     nets['EAB+FTF at DeiT FLOPs'] = same
+    nets[FLOOR] = copy.deepcopy(nets['compressed EAB/FTF off'])
     gflops = {name: deit_gflops if name == 'timm' else float(net.flops()) / 1e9 for name, net in nets.items()}
     return nets, gflops
 
@@ -199,7 +219,8 @@ def benchmark_onnx(args) -> Dict[str, float]:
             runners = {}
             for name, net in nets.items():
                 path = os.path.join(folder, name.replace(' ', '_').replace('/', '-') + '.onnx')
-                export_onnx(net, path, size, optimize=not args.onnx_no_optimize)
+                with token_ops_as_slices() if name == FLOOR else contextlib.nullcontext():
+                    export_onnx(net, path, size, optimize=not args.onnx_no_optimize)
                 runners[name] = onnx_runner(path, threads=torch.get_num_threads())
             print(f'\nonnxruntime {onnxruntime.__version__}, {setting} at {size} px, CPU, {torch.get_num_threads()} '
                   f'threads, graphs {"not " if args.onnx_no_optimize else ""}optimised')
@@ -219,6 +240,10 @@ def benchmark_onnx(args) -> Dict[str, float]:
                     results[f'onnx {setting} speedup/flops-ratio {variant} batch {batch}'] = speedup / flops_ratio
                     print(f'  compressed ({variant}): {speedup:.2f}x faster for {flops_ratio:.2f}x fewer FLOPs: '
                           f'{speedup / flops_ratio:.2f} of the FLOPs ratio')
+                floor = (seconds['dense EAB/FTF off'] / seconds[FLOOR]) / (gflops['dense EAB/FTF off'] / gflops[FLOOR])
+                results[f'onnx {setting} floor speedup/flops-ratio batch {batch}'] = floor
+                print(f'  the same token counts with the token operations as slices (floor, EAB/FTF off): '
+                      f'{floor:.2f} of the FLOPs ratio')
                 same = seconds['timm'] / seconds['EAB+FTF at DeiT FLOPs']
                 results[f'onnx {setting} EAB+FTF at DeiT FLOPs / timm batch {batch}'] = same
                 print(f'  EAB+FTF at {gflops["EAB+FTF at DeiT FLOPs"]:.3f} GFLOPs / timm DeiT at {gflops["timm"]:.3f}: '

@@ -47,8 +47,8 @@ def searches(out: str):
     """(recipe, budget) of every finished search evaluation under out."""
     found = []
     for path in glob.glob(os.path.join(out, 'eval', 'test', '*', 'eval_metrics.json')):
-        match = re.fullmatch(r'([a-z]+)_([\d.]+)', os.path.basename(os.path.dirname(path)))
-        if match and match.group(1) not in ('dense', 'rule'):
+        match = re.fullmatch(r'([a-z][a-z0-9_]*?)_([\d.]+)', os.path.basename(os.path.dirname(path)))
+        if match and not match.group(1).startswith('rule_'):
             found.append((match.group(1), match.group(2)))
     return sorted(found, key=lambda rb: (-float(rb[1]), rb[0]))
 
@@ -74,19 +74,20 @@ def tables(outs) -> str:
             a, b = f'rule_diffrate_{budget}', f'rule_size-weighted_{budget}'
             rules.append(f'| {label} | {budget} | {read_json(path)["acc1"]:.2f} | {cell(paired(out, "val", a, b))} | '
                          f'{cell(paired(out, "test", a, b))} |')
-    recipes = ['| backbone | budget | anneal minus diffrate, val [95% CI] | test |', '|---' * 4 + '|']
+    recipes = ['| backbone | budget | recipe minus diffrate | val [95% CI] | test |', '|---' * 5 + '|']
     for out in outs:
-        for budget in sorted({b for r, b in searches(out) if r == 'anneal'}, key=float, reverse=True):
-            a, b = f'anneal_{budget}', f'diffrate_{budget}'
-            recipes.append(f'| {os.path.basename(os.path.normpath(out))} | {budget} | {cell(paired(out, "val", a, b))} | '
-                           f'{cell(paired(out, "test", a, b))} |')
+        for recipe, budget in searches(out):
+            a, b = f'{recipe}_{budget}', f'diffrate_{budget}'
+            if recipe != 'diffrate' and evaluation(out, 'test', b) is not None:
+                recipes.append(f'| {os.path.basename(os.path.normpath(out))} | {budget} | {recipe} | '
+                               f'{cell(paired(out, "val", a, b))} | {cell(paired(out, "test", a, b))} |')
     tuned = ['| backbone | fine-tuned schedule | GFLOPs | top-1 test per seed | mean +- sd | '
              'minus geometric per seed [95% CI] |',
              '|---' * 6 + '|']
     for out in outs:
         runs = seed_runs(os.path.join(out, 'tuned'))
-        for name in sorted(n for n in runs if n.startswith('anneal_')):
-            rival = name.replace('anneal_', 'geometric_')
+        for name in sorted(n for n in runs if not n.startswith('geometric_')):
+            rival = 'geometric_' + name.rsplit('_', 1)[1]
             for row in (summarise(runs, name, rival), summarise(runs, rival) if rival in runs else None):
                 if row is None:
                     continue
@@ -137,13 +138,18 @@ def figure(outs, path: str) -> None:
     plt.close(fig)
 
 
+REACHED = 0.05  # a search that ended further above its budget (relative) is not its budget's schedule
+
+
 def write_schedules(out: str) -> None:
-    """Per budget, the recipe chosen on val/ (its lead over the geometric schedule), into
-    compression_rate.json with what produced it and how it compared on test/."""
+    """Per budget, the recipe chosen on val/ (its lead over the geometric schedule) among the
+    searches that reached the budget, into compression_rate.json with what produced it and how it
+    compared on test/."""
     dense = evaluation(out, 'test', 'dense')
     for budget in sorted({b for _, b in searches(out)}, key=float, reverse=True):
         scored = [(paired(out, 'val', f'{r}_{budget}', f'{r}_{budget}_geometric'), r)
-                  for r, b in searches(out) if b == budget]
+                  for r, b in searches(out)
+                  if b == budget and evaluation(out, 'test', f'{r}_{b}')['gflops'] <= float(b) * (1 + REACHED)]
         scored = [(diff[0], recipe) for diff, recipe in scored if diff is not None]
         if not scored:
             continue

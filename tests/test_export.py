@@ -131,3 +131,22 @@ def test_exported_token_order_breaks_ties_as_the_stable_sort(tmp_path):
     runner = onnx_export.onnx_runner(str(tmp_path / 'order.onnx'))
     got = runner.run(None, {runner.get_inputs()[0].name: importance.numpy()})[0]
     assert got.tolist() == sort_by_importance(importance, 8).tolist() == [[0, 2, 5, 6, 1, 3, 7, 4]]
+
+
+@pytest.mark.parametrize('eab', [False, True])
+def test_exported_compression_keeps_the_tokens_sizes_and_owners_of_the_eager_one(eab):
+    """The compression written for exported graphs (one-hot products, gathers along the tokens,
+    only the kept patches ranked) gives the general path's tokens, sizes and patch owners, also
+    from sizes and owners left by an earlier merge."""
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL, num_classes=5, depth=4, eab=eab, ftf=False).eval()
+    model.fix_schedule(models.Schedule([197, 150, 120, 100], [197, 130, 100, 60]))
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        tokens, state, owners = model.forward_tokens(x, return_owners=True)
+        with models.export_numerics():
+            exported, exported_state, exported_owners = model.forward_tokens(x, return_owners=True)
+    assert exported.shape == tokens.shape == (3, 60, model.embed_dim)
+    assert (exported - tokens).abs().max() < 1e-5
+    assert torch.equal(exported_state.size, state.size) and state.size.max() > 1  # merges happened
+    assert all(torch.equal(a, b) for a, b in zip(owners, exported_owners))

@@ -14,7 +14,7 @@ from typing import Any, Dict, Hashable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .tracing import tracing
+from .tracing import exporting, tracing
 
 
 @dataclass
@@ -156,6 +156,8 @@ def compress(x: torch.Tensor, state: TokenState, importance: torch.Tensor,
     training = keep_masks is not None
     prune_kept = min(prune_kept, state.alive)
     merge_kept = min(merge_kept, prune_kept)
+    if not training and merge_rule == 'size-weighted' and exporting():
+        return compress_for_export(x, state, importance, prune_kept, merge_kept)
     order = sort_by_importance(importance, state.alive)  # [B, N]
     kept_order = order if training else order[:, :prune_kept]  # evaluation drops the pruned ones here
     x = gather_rows(x, kept_order)
@@ -180,21 +182,62 @@ def compress(x: torch.Tensor, state: TokenState, importance: torch.Tensor,
 
     owner = None
     if state.track_owner:
-        owner = _follow_owners(state.owners(B, x.device), order, dst, prune_kept, merge_kept,
+        owner = _follow_owners(state.owners(B, x.device), order[:, :prune_kept], N, dst, merge_kept,
                                sentinel=x.shape[1])
     return x, replace(state, alive=merge_kept, size=size, mask=mask, owner=owner, derived={})
 
 
-def _follow_owners(owner: torch.Tensor, order: torch.Tensor, dst: Optional[torch.Tensor],
-                   prune_kept: int, merge_kept: int, sentinel: int) -> torch.Tensor:
+def compress_for_export(x: torch.Tensor, state: TokenState, importance: torch.Tensor,
+                        prune_kept: int, merge_kept: int) -> Tuple[torch.Tensor, TokenState]:
+    """`compress` in evaluation with the size-weighted rule, written for an exported graph: the
+    same tokens, sizes and owners from a third fewer graph nodes, which onnxruntime pays for one by
+    one whatever the batch (docs/benchmark.md, "Fewer nodes per compression").
+
+    x: [B, N, C] (every token alive); importance: [B, N - 1]; kept counts include the class token.
+    Differences from the general path, none of which changes the result for finite inputs:
+    only the kept patches are ranked (TopK of prune_kept - 1 while tracing; ties to the lower
+    index as the stable sort), without the NaN guard of training; gathers along the token axis
+    instead of rows of the flattened batch (no offsets to build); the sources' similarity is
+    ranked against normalised destinations only (a positive factor per source does not change its argmax); merging is a
+    product with the [B, M, S] one-hot assignment instead of two scatters.
+    """
+    B, N, C = x.shape
+    if tracing():
+        ranked = importance.topk(prune_kept - 1, dim=1).indices  # [B, prune_kept - 1] patch indices
+    else:  # eager export_numerics(): eager topk does not promise the lower index on ties
+        ranked = importance.sort(dim=1, descending=True, stable=True).indices[:, :prune_kept - 1]
+    order = F.pad(ranked + 1, (1, 0))  # [B, prune_kept] old token indices, class token first
+    x = x.gather(1, order[..., None].expand(-1, -1, C))  # [B, prune_kept, C]
+    size = state.size.gather(1, order[..., None]) if state.size is not None else state.sizes(x)  # [B, prune_kept, 1]
+    dst = None
+    if merge_kept < prune_kept:
+        with torch.no_grad():
+            destinations = x[:, 1:merge_kept].float()
+            destinations = destinations / destinations.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # [B, M - 1, C]
+            similarity = x[:, merge_kept:].float() @ destinations.transpose(1, 2)  # [B, S, M - 1]
+            dst = similarity.argmax(dim=-1) + 1  # [B, S], position among the kept tokens (never 0)
+            # assign[b, m, s] = 1 where source s merges into kept token m, [B, M, S]
+            assign = (torch.arange(merge_kept, device=x.device)[:, None] == dst[:, None, :]).to(x.dtype)
+        kept_size, source_size = size[:, :merge_kept], size[:, merge_kept:]
+        size = kept_size + assign @ source_size  # [B, M, 1]
+        x = (x[:, :merge_kept] * kept_size + assign @ (x[:, merge_kept:] * source_size)) / size
+    owner = None
+    if state.track_owner:
+        owner = _follow_owners(state.owners(B, x.device), order, N, dst, merge_kept, sentinel=merge_kept)
+    return x, replace(state, alive=merge_kept, size=size, mask=None, owner=owner, derived={})
+
+
+def _follow_owners(owner: torch.Tensor, kept_order: torch.Tensor, tokens: int, dst: Optional[torch.Tensor],
+                   merge_kept: int, sentinel: int) -> torch.Tensor:
     """New owner of every patch after sort, prune and merge; pruned patches point to `sentinel`.
 
-    owner: [B, P] old token indices (old N = pruned); order: [B, N]; dst: [B, prune_kept - merge_kept].
+    owner: [B, P] old token indices (`tokens` = pruned); kept_order: [B, prune_kept] old indices of
+    the kept tokens in their new order; dst: [B, prune_kept - merge_kept] or None.
     """
-    B, N = order.shape
-    new_of_sorted = torch.arange(merge_kept, device=order.device).expand(B, -1)  # [B, prune_kept] with dst
+    B = kept_order.shape[0]
+    new_of_sorted = torch.arange(merge_kept, device=kept_order.device).expand(B, -1)  # [B, prune_kept] with dst
     if dst is not None:
         new_of_sorted = torch.cat([new_of_sorted, dst], dim=1)
-    # old token -> new token, [B, N + 1]: pruned tokens and the old sentinel (index N) -> sentinel
-    new_of_old = owner.new_full((B, N + 1), sentinel).scatter_(1, order[:, :prune_kept], new_of_sorted)
+    # old token -> new token, [B, tokens + 1]: pruned tokens and the old sentinel -> sentinel
+    new_of_old = owner.new_full((B, tokens + 1), sentinel).scatter_(1, kept_order, new_of_sorted)
     return new_of_old.gather(1, owner)
