@@ -221,7 +221,7 @@ def benchmark_onnx(args) -> Dict[str, float]:
                 path = os.path.join(folder, name.replace(' ', '_').replace('/', '-') + '.onnx')
                 with token_ops_as_slices() if name == FLOOR else contextlib.nullcontext():
                     export_onnx(net, path, size, optimize=not args.onnx_no_optimize)
-                runners[name] = onnx_runner(path, threads=torch.get_num_threads())
+                runners[name] = onnx_runner(path, threads=torch.get_num_threads(), spin=False)  # timed in turn
             print(f'\nonnxruntime {onnxruntime.__version__}, {setting} at {size} px, CPU, {torch.get_num_threads()} '
                   f'threads, graphs {"not " if args.onnx_no_optimize else ""}optimised')
             for batch in args.inference_batches:

@@ -55,13 +55,17 @@ def export_onnx(model: models.SDT2Net, path: str, input_size: int, metadata: Opt
     atomic_write(lambda tmp: onnx.save_model(graph, tmp), path)
 
 
-def onnx_runner(path: str, threads: int = 0):
+def onnx_runner(path: str, threads: int = 0, spin: bool = True):
     """onnxruntime's CPU runner of an ONNX file, quiet (it would note every node it cannot fold);
-    threads: intra-op threads, 0 = onnxruntime's default."""
+    threads: intra-op threads, 0 = onnxruntime's default; spin False: the pool's threads sleep
+    between runs instead of spinning, for sessions timed one after the other (a spinning pool
+    takes the cores from the next session: docs/benchmark.md, "Fewer nodes per compression")."""
     import onnxruntime
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
     return onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
 
 
