@@ -103,34 +103,36 @@ def tables(outs) -> str:
 
 
 def figure(outs, path: str) -> None:
-    """Left: kept tokens per block of every learned schedule and of its geometric rival. Right: each
-    search minus the geometric schedule on test/, with its 95% paired interval."""
-    fig, (shapes, diffs) = plt.subplots(1, 2, figsize=(11, 4.2))
+    """Left: kept tokens per block of every learned schedule of the first backbone and of its
+    geometric rival. Right: every search minus the geometric schedule on test/, with its 95%
+    paired interval, one row each."""
+    fig, (shapes, diffs) = plt.subplots(1, 2, figsize=(12, 5.5), gridspec_kw={'width_ratios': [1, 1.1]})
     labels, points = [], []
     for o, out in enumerate(outs):
         for index, (recipe, budget) in enumerate(searches(out)):
             name = f'{recipe}_{budget}'
-            learned, rival = evaluation(out, 'test', name), evaluation(out, 'test', name + '_geometric')
-            style = dict(color=f'C{index}', alpha=0.9 if o == 0 else 0.5)
-            shapes.plot(learned['merge_kept_num'], marker='o', markersize=3, **style,
-                        label=f'{os.path.basename(out)} {recipe} {budget}')
-            if rival is not None:
-                shapes.plot(rival['merge_kept_num'], linestyle=':', **style)
+            if o == 0:
+                learned, rival = evaluation(out, 'test', name), evaluation(out, 'test', name + '_geometric')
+                shapes.plot(learned['merge_kept_num'], marker='o', markersize=3, color=f'C{index % 10}',
+                            label=f'{recipe} {budget}')
+                if rival is not None:
+                    shapes.plot(rival['merge_kept_num'], linestyle=':', color=f'C{index % 10}')
             diff = paired(out, 'test', name, name + '_geometric')
             if diff is not None:
-                labels.append(f'{os.path.basename(out)}\n{recipe} {budget}')
+                labels.append(f'{os.path.basename(os.path.normpath(out))} {recipe} {budget}')
                 points.append(diff)
     shapes.set_xlabel('block')
     shapes.set_ylabel('tokens after the block (with class token)')
-    shapes.set_title('learned (solid) and geometric at its FLOPs (dotted)', fontsize=9)
-    shapes.legend(fontsize=6)
+    shapes.set_title(f'{os.path.basename(os.path.normpath(outs[0]))}: learned (solid), geometric at its FLOPs (dotted)',
+                     fontsize=9)
+    shapes.legend(fontsize=7)
     for i, (d, low, high) in enumerate(points):
-        diffs.errorbar([i], [d], yerr=[[d - low], [high - d]], marker='o', capsize=3, color='C0')
-    diffs.axhline(0, color='black', linewidth=1)
-    diffs.set_xticks(range(len(labels)), labels, fontsize=6)
-    diffs.set_ylim(-5, 3)  # 8 points; the 95% intervals are about +-0.8
-    diffs.set_ylabel('learned minus geometric, test (points, 95% CI)')
-    diffs.set_title('paired difference at equal FLOPs', fontsize=9)
+        diffs.errorbar([d], [i], xerr=[[d - low], [high - d]], marker='o', capsize=3, color='C0')
+    diffs.axvline(0, color='black', linewidth=1)
+    diffs.set_yticks(range(len(labels)), labels, fontsize=7)
+    diffs.invert_yaxis()
+    diffs.set_xlim(-5, 3)  # 8 points; the 95% intervals are about +-0.8
+    diffs.set_xlabel('learned minus geometric at equal FLOPs, test (points, 95% CI)')
     for ax in (shapes, diffs):
         ax.grid(alpha=0.3)
     fig.tight_layout()
