@@ -333,7 +333,7 @@ def main(args, cleanup: contextlib.ExitStack) -> None:
     optimizers, schedulers = build_optimizers(model, args, search_mode)
     precision = make_precision(device, args)
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema and not args.eval else None
-    start_epoch, best_acc = args.start_epoch, 0.0
+    start_epoch, best_acc = args.start_epoch, -math.inf  # the first evaluated epoch is the best so far, even at 0%
     if resumed is not None and not args.eval and 'optimizers' in resumed:
         try:
             start_epoch, best_acc = restore_training_state(resumed, optimizers, schedulers, precision, model_ema)
