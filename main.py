@@ -276,7 +276,7 @@ def restore_training_state(state: Dict, optimizers, schedulers, precision, model
     if model_ema is not None and state.get('model_ema'):
         model_ema.module.load_state_dict(state['model_ema'])
     set_rng_state(state['rng'])
-    return state['epoch'] + 1, state.get('best_acc', 0.0)
+    return state['epoch'] + 1, state.get('best_acc', -math.inf)
 
 
 def main(args, cleanup: contextlib.ExitStack) -> None:

@@ -58,8 +58,8 @@ def export_onnx(model: models.SDT2Net, path: str, input_size: int, metadata: Opt
 def onnx_runner(path: str, threads: int = 0, spin: bool = True):
     """onnxruntime's CPU runner of an ONNX file, quiet (it would note every node it cannot fold);
     threads: intra-op threads, 0 = onnxruntime's default; spin False: the pool's threads sleep
-    between runs instead of spinning, for sessions timed one after the other (a spinning pool
-    takes the cores from the next session: docs/benchmark.md, "Fewer nodes per compression")."""
+    between runs instead of spinning, for runners timed one after the other (a spinning pool
+    takes the cores from the next runner: docs/benchmark.md, "Fewer nodes per compression")."""
     import onnxruntime
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3

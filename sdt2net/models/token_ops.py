@@ -194,19 +194,18 @@ def compress_for_export(x: torch.Tensor, state: TokenState, importance: torch.Te
     one whatever the batch (docs/benchmark.md, "Fewer nodes per compression").
 
     x: [B, N, C] (every token alive); importance: [B, N - 1]; kept counts include the class token.
-    Differences from the general path, none of which changes the result for finite inputs:
-    only the kept patches are ranked (TopK of prune_kept - 1 while tracing; ties to the lower
-    index as the stable sort), without the NaN guard of training; gathers along the token axis
-    instead of rows of the flattened batch (no offsets to build); the sources' similarity is
-    ranked against normalised destinations only (a positive factor per source does not change its argmax); merging is a
-    product with the [B, M, S] one-hot assignment instead of two scatters.
+    Differences from the general path, none of which changes the result for finite inputs: while
+    tracing only the kept patches are ranked (TopK of prune_kept - 1, ties to the lower index as
+    the stable sort, without the NaN guard of training); gathers along the token axis instead of
+    rows of the flattened batch (no offsets to build); the sources' similarity is ranked against
+    normalised destinations only (a positive factor per source does not change its argmax);
+    merging is a product with the [B, M, S] one-hot assignment instead of two scatters.
     """
     B, N, C = x.shape
-    if tracing():
-        ranked = importance.topk(prune_kept - 1, dim=1).indices  # [B, prune_kept - 1] patch indices
+    if tracing():  # [B, prune_kept] old token indices, class token first
+        order = F.pad(importance.topk(prune_kept - 1, dim=1).indices + 1, (1, 0))
     else:  # eager export_numerics(): eager topk does not promise the lower index on ties
-        ranked = importance.sort(dim=1, descending=True, stable=True).indices[:, :prune_kept - 1]
-    order = F.pad(ranked + 1, (1, 0))  # [B, prune_kept] old token indices, class token first
+        order = sort_by_importance(importance, N)[:, :prune_kept]
     x = x.gather(1, order[..., None].expand(-1, -1, C))  # [B, prune_kept, C]
     size = state.size.gather(1, order[..., None]) if state.size is not None else state.sizes(x)  # [B, prune_kept, 1]
     dst = None
