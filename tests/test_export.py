@@ -150,3 +150,25 @@ def test_exported_compression_keeps_the_tokens_sizes_and_owners_of_the_eager_one
     assert (exported - tokens).abs().max() < 1e-5
     assert torch.equal(exported_state.size, state.size) and state.size.max() > 1  # merges happened
     assert all(torch.equal(a, b) for a, b in zip(owners, exported_owners))
+
+
+@pytest.mark.parametrize('shared,groups', [(True, 1), (False, 1), (True, 2)])
+def test_exported_eab_runs_channels_first_with_the_eager_results(shared, groups):
+    """Exported graphs run the EAB channels first, q and k side by side, with the qkv weight's q
+    and k rows interleaved; the tokens after every block equal the eager path's, with one SCM or
+    two and with grouped convolutions, before and after compressions."""
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL, num_classes=5, depth=3, ftf=False, eab_shared=shared, eab_groups=groups).eval()
+    for block in model.blocks:  # the SCMs start as the identity: make them count
+        for scm in (block.eab.scm, block.eab.scm_k):
+            if scm is not None:
+                scm.reduce.weight.data.normal_(std=0.05)
+                scm.reduce.bias.data.normal_(std=0.05)
+    model.fix_schedule(models.Schedule([197, 150, 120], [197, 130, 100]))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        eager = model.forward_tokens(x)[0]
+        with models.export_numerics():
+            exported = model.forward_tokens(x)[0]
+    assert eager.shape == (2, 100, model.embed_dim)
+    assert (exported - eager).abs().max() < 1e-4

@@ -7,7 +7,9 @@ tokens that are present (cost 2 * exp_ratio * N * C^2 per SCM); only the shifts 
 2-D patch grid: every token is painted onto the patches it owns (pruned patches are zero), the
 channel groups move, and every token reads back the mean over its patches. That procedure is a
 weighted sum of token rows, built once per compression (GridShift). While no token has been pruned or
-merged the grid is the token sequence itself and it is shifted directly.
+merged the grid is the token sequence itself and it is shifted directly. Exported graphs run the
+module channels first, q and k side by side ([B, C, 2, N]): there a channel slice is a block of
+rows, so neither the shifts nor the 1x1 convs need a transpose.
 """
 from typing import Optional, Tuple
 
@@ -16,7 +18,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from .token_ops import TokenState
-from .tracing import exporting, tracing
+from .tracing import exporting
+
+
+def moved_slices(moving: torch.Tensor, channel_dim: int, height_dim: int, width_dim: int, shift: int) -> torch.Tensor:
+    """The exported graphs' grid shift: `moving` holds four channel slices on channel_dim and a
+    grid on (height_dim, width_dim); the slices move left, right, up and down by `shift` patches,
+    zero filled. Assembled with cat (writes into slices export as scatters behind full-size
+    transposes, half of onnxruntime's time at batch 32). Same shape as moving."""
+    g, s = moving.shape[channel_dim] // 4, shift
+
+    def moved(index: int, dim: int, forward: bool) -> torch.Tensor:
+        part = moving.narrow(channel_dim, index * g, g)
+        kept = part.narrow(dim, s, part.shape[dim] - s) if forward else part.narrow(dim, 0, part.shape[dim] - s)
+        zeros = part.new_zeros(part.shape[:dim] + (s,) + part.shape[dim + 1:])
+        return torch.cat([kept, zeros] if forward else [zeros, kept], dim=dim)
+    return torch.cat([moved(0, width_dim, True), moved(1, width_dim, False), moved(2, height_dim, True),
+                      moved(3, height_dim, False)], dim=channel_dim)
 
 
 def shift_channel_groups(grid: torch.Tensor, groups: int, shift: int) -> torch.Tensor:
@@ -28,18 +46,6 @@ def shift_channel_groups(grid: torch.Tensor, groups: int, shift: int) -> torch.T
     B, H, W, C = grid.shape
     x = grid.view(B, H, W, groups, C // groups)
     g, s = C // groups // 5, shift
-    if tracing():
-        # NOTE the same shifts without writes into slices, which an exported graph turns into
-        # scatters behind full-size transposes (half of onnxruntime's time at batch 32).
-        def moved(channels: slice, dim: int, forward: bool) -> torch.Tensor:
-            part = x[..., channels]
-            kept = part.narrow(dim, s, part.shape[dim] - s) if forward else part.narrow(dim, 0, part.shape[dim] - s)
-            zeros = part.new_zeros(part.shape[:dim] + (s,) + part.shape[dim + 1:])
-            return torch.cat([kept, zeros] if forward else [zeros, kept], dim=dim)
-        out = torch.cat([moved(slice(0, g), 2, True), moved(slice(g, 2 * g), 2, False),
-                         moved(slice(2 * g, 3 * g), 1, True), moved(slice(3 * g, 4 * g), 1, False),
-                         x[..., 4 * g:]], dim=-1)
-        return out.reshape(B, H, W, C)
     out = torch.zeros_like(x)
     out[:, :, :-s, :, 0 * g:1 * g] = x[:, :, s:, :, 0 * g:1 * g]   # left
     out[:, :, s:, :, 1 * g:2 * g] = x[:, :, :-s, :, 1 * g:2 * g]   # right
@@ -61,15 +67,17 @@ class GridShift:
     owners (EfficientAttentionShift keeps them until the next compression) and summed with
     `embedding_bag` (one bag per token), so a shift reads about 4/5 * P * C values and does no
     N x N work; the identity slice is the token itself. Exported graphs (ONNX has no
-    embedding_bag) apply the same weights as [B, 4, N, N] matrices instead. owner None: the
-    identity layout (token p is patch p), shifted on the grid directly.
+    embedding_bag) apply the same weights as [B, 4, N, N] matrices from the right to channels-first
+    tokens instead (`channels_first`). owner None: the identity layout (token p is patch p),
+    shifted on the grid directly.
     """
 
     def __init__(self, grid_size: Tuple[int, int], owner: Optional[torch.Tensor], num_tokens: int,
                  shift: int, groups: int = 1, dtype: torch.dtype = torch.float32) -> None:
         self.grid_size, self.shift_by, self.groups = grid_size, shift, groups
         self.bags: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
-        self.operator: Optional[torch.Tensor] = None  # [B, 4, N, N], exported graphs only
+        # [B, 4, N, N], exported graphs only: [b, k, m, n] = weight of token m's row in token n's slice k
+        self.operator: Optional[torch.Tensor] = None
         if owner is None:
             return
         B, P = owner.shape
@@ -90,7 +98,7 @@ class GridShift:
         weight = ((owner < N).to(dtype) / counts.gather(1, owner))[:, None] * (source < N).to(dtype)
         source = source.clamp(max=N - 1)  # zero weight where clamped
         if exporting():
-            index = owner.clamp(max=N - 1)[:, None] * N + source
+            index = source * N + owner.clamp(max=N - 1)[:, None]
             self.operator = torch.zeros(B, 4, N * N, dtype=dtype, device=owner.device).scatter_add_(
                 2, index, weight).view(B, 4, N, N)
             return
@@ -109,19 +117,16 @@ class GridShift:
         """tokens: [B, N, C] of the dtype given at construction -> [B, N, C], the channels in
         `groups` groups of five slices each."""
         B, N, C = tokens.shape
+        if self.operator is not None:
+            x = tokens.transpose(1, 2).reshape(B, self.groups, C // self.groups, 1, N)
+            g = C // self.groups // 5
+            return self.channels_first(x[:, :, :4 * g], x[:, :, 4 * g:]).view(B, C, N).transpose(1, 2)
+        if self.bags is None:
+            H, W = self.grid_size
+            return shift_channel_groups(tokens.reshape(B, H, W, C), self.groups, self.shift_by).reshape(B, N, C)
         groups = self.groups
         width = C // groups
         g = width // 5  # channels per slice; the rest of each group stays in place
-        if self.operator is not None:  # assembled with cat: writes into slices export as scatters
-            x = tokens.view(B, N, groups, width)
-            # the four moving slices side by side: [B, 4, N, groups * g]
-            moving = x[..., :4 * g].unflatten(-1, (4, g)).permute(0, 3, 1, 2, 4).reshape(B, 4, N, groups * g)
-            moved = (self.operator @ moving).view(B, 4, N, groups, g)
-            moved = moved.permute(0, 2, 3, 1, 4).flatten(-2)  # [B, N, groups, 4 * g]
-            return torch.cat([moved, x[..., 4 * g:]], dim=-1).view(B, N, C)
-        if self.bags is None:
-            H, W = self.grid_size
-            return shift_channel_groups(tokens.reshape(B, H, W, C), groups, self.shift_by).reshape(B, N, C)
         rows, offsets, weight = self.bags
         x = tokens.view(B, N, groups, width)
         table = x[..., :4 * g].unflatten(-1, (4, g)).permute(2, 3, 0, 1, 4).reshape(-1, g)  # [groups * 4 * B * N, g]
@@ -132,6 +137,23 @@ class GridShift:
         out[..., :4 * g].unflatten(-1, (4, g)).copy_(moved.view(groups, 4, B, N, g).permute(2, 3, 0, 1, 4))
         out[..., 4 * g:] = x[..., 4 * g:]
         return out.view(B, N, C)
+
+    def channels_first(self, moving: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        """The exported graphs' form, on channels-first tokens of S streams sharing the shifts
+        (e.g. q and k): moving: [B, groups, 4g, S, N], the four moving slices of every group;
+        rest: [B, groups, width - 4g, S, N] -> [B, C, S, N]. In this layout a slice is a block of
+        rows, so the shifts need no transposes: each slice of every stream is one product with
+        its [N, N] matrix from the right."""
+        B, groups, four_g, S, N = moving.shape
+        if self.operator is not None:
+            moved = moving.reshape(B, groups, 4, four_g // 4 * S, N) @ self.operator[:, None]
+        elif self.bags is None:
+            H, W = self.grid_size
+            moved = moved_slices(moving.view(B, groups, four_g, S, H, W), channel_dim=2, height_dim=4, width_dim=5,
+                                 shift=self.shift_by)
+        else:
+            raise RuntimeError('GridShift.channels_first needs the matrices built under exporting()')
+        return torch.cat([moved.view(B, groups, four_g, S, N), rest], dim=2).view(B, -1, S, N)
 
 
 class ShiftConvModule(nn.Module):
@@ -172,6 +194,32 @@ class ShiftConvModule(nn.Module):
     def forward(self, tokens: torch.Tensor, shift: GridShift) -> torch.Tensor:
         return tokens + self.delta(tokens, shift)
 
+    def delta_channels_first(self, tokens: torch.Tensor, shift: GridShift) -> torch.Tensor:
+        """The residual branch in the exported graphs' layout: patch tokens [B, C, S, N] (S
+        streams) -> [B, C, S, N]; the 1x1 convs are weight @ tokens, no transposes in between."""
+        B, C, S, N = tokens.shape
+        x = tokens.view(B, self.groups, C // self.groups, S, N)
+        g = x.shape[2] // 5
+        shifted = shift.channels_first(x[:, :, :4 * g], x[:, :, 4 * g:])
+        # NOTE the expanding conv's moving and resting channels as two products: the second shift
+        # then needs no split of the [B, hidden, S, N] map
+        g = self.expand.out_channels // self.groups // 5
+        moving, rest = (F.relu(self._pointwise_channels_first(self.expand, shifted, rows))
+                        for rows in (slice(0, 4 * g), slice(4 * g, None)))
+        return self._pointwise_channels_first(self.reduce, shift.channels_first(moving, rest)).view(B, C, S, N)
+
+    @staticmethod
+    def _pointwise_channels_first(conv: nn.Conv1d, tokens: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """A 1x1 conv on [B, C_in, S, N] -> [B, groups, len(rows), S, N], the output channels
+        `rows` of every group: per group one product of those rows of the weight with the
+        group's [C_in / groups, S * N] inputs (all streams in one product)."""
+        B, _, S, N = tokens.shape
+        groups = conv.groups
+        weight = conv.weight.view(groups, conv.out_channels // groups, -1)[:, rows]
+        bias = conv.bias.view(groups, -1, 1)[:, rows]
+        y = weight @ tokens.reshape(B, groups, -1, S * N) + bias  # [B, groups, rows, S * N]
+        return y.view(B, groups, -1, S, N)
+
 
 # NOTE below this size (bytes) of the stacked hidden activations, q and k pass a shared SCM as one
 # batch of 2B: half the operator calls and twice the rows per matrix product, which is what small
@@ -190,20 +238,25 @@ class EfficientAttentionShift(nn.Module):
         self.scm = ShiftConvModule(dim, exp_ratio, groups, shift)  # q's, and k's too unless scm_k is set
         self.scm_k = None if shared else ShiftConvModule(dim, exp_ratio, groups, shift)
 
+    def _grid_shift(self, state: TokenState, num_tokens: int, stacked: bool, dtype: torch.dtype) -> GridShift:
+        """The shift lists of num_tokens patch tokens (2B images when stacked), shared by q and k
+        and by the blocks that follow until the next compression."""
+        scm = self.scm
+        key = ('grid_shift', stacked, scm.shift, scm.groups, dtype)
+        shift = state.derived.get(key)
+        if shift is None:
+            owner = None if state.owner is None else state.owner - 1  # [B, P], among the patch tokens
+            if stacked and owner is not None:
+                owner = owner.repeat(2, 1)  # [2B, P]
+            shift = state.derived[key] = GridShift(state.grid_size, owner, num_tokens, scm.shift, scm.groups, dtype)
+        return shift
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, torch.Tensor]:
         B, N, _ = q.shape
         scm_q = self.scm
         stacked_bytes = 2 * B * (N - 1) * scm_q.expand.out_channels * q.element_size()
-        # exported graphs never stack: one graph serves every batch size
-        stacked = self.scm_k is None and not tracing() and stacked_bytes <= STACK_BYTES
-        # the shift lists, shared by q and k, and by the blocks that follow until the next compression
-        key = ('grid_shift', stacked, scm_q.shift, scm_q.groups, q.dtype)
-        shift = state.derived.get(key)
-        if shift is None:
-            owner = None if state.owner is None else state.owner - 1  # [B, P], among the N - 1 patch tokens
-            if stacked and owner is not None:
-                owner = owner.repeat(2, 1)  # [2B, P]
-            shift = state.derived[key] = GridShift(state.grid_size, owner, N - 1, scm_q.shift, scm_q.groups, q.dtype)
+        stacked = self.scm_k is None and stacked_bytes <= STACK_BYTES
+        shift = self._grid_shift(state, N - 1, stacked, q.dtype)
         if stacked:
             qk = torch.cat([q, k])  # [2B, N, C]
             # nothing keeps qk's values for the backward pass, so the residual may go in place
@@ -212,3 +265,16 @@ class EfficientAttentionShift(nn.Module):
         scm_k = self.scm_k if self.scm_k is not None else scm_q
         return (torch.cat([q[:, :1], scm_q(q[:, 1:], shift)], dim=1),
                 torch.cat([k[:, :1], scm_k(k[:, 1:], shift)], dim=1))
+
+    def forward_channels_first(self, qk: torch.Tensor, state: TokenState) -> torch.Tensor:
+        """The exported graphs' form of forward: q and k channels first, [B, C, 2, N] (class token
+        first along N, left unchanged) -> [B, C, 2, N]. A shared SCM refines both in one pass
+        whatever the batch size: half the graph's nodes, and products twice as wide."""
+        patches = qk[..., 1:]  # [B, C, 2, N - 1]
+        shift = self._grid_shift(state, patches.shape[-1], False, qk.dtype)
+        if self.scm_k is None:
+            delta = self.scm.delta_channels_first(patches, shift)
+        else:
+            delta = torch.cat([self.scm.delta_channels_first(patches[:, :, :1], shift),
+                               self.scm_k.delta_channels_first(patches[:, :, 1:], shift)], dim=2)
+        return torch.cat([qk[..., :1], patches + delta], dim=-1)

@@ -20,6 +20,7 @@ from .ftf import SecondOrderHead
 from .compression_rates import CompressionRates
 from .schedule import Schedule
 from .token_ops import MERGE_RULES, TokenState, compress
+from .tracing import exporting
 
 
 class SDT2NetAttention(Attention):
@@ -27,18 +28,34 @@ class SDT2NetAttention(Attention):
 
     Evaluation uses fused attention; the class-token importance row is computed on its own.
     Training computes the attention map explicitly so that the straight-through keep mask
-    passes gradients to the rate parameters.
+    passes gradients to the rate parameters. Exported graphs compute the map explicitly too,
+    from k^T as the EAB leaves it (the exporter's form of fused attention transposes k back and
+    forth and computes its shapes in the graph).
     """
 
     def forward(self, x: torch.Tensor, state: TokenState, eab: Optional[EfficientAttentionShift] = None,
                 need_importance: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x: [B, N, C] -> (output [B, N, C], class-token attention on patches [B, N - 1] or None)."""
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, C).unbind(2)  # [B, N, C] each
-        if eab is not None:
-            q, k = eab(q, k, state)
-        q, k, v = (t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        q, k = self.q_norm(q), self.k_norm(k)
+        H, D = self.num_heads, self.head_dim
+        if eab is not None and exporting():
+            # The EAB runs channels first ([B, C, 2, N]): its shifts and 1x1 convs need no transposes
+            # in between, and k leaves it in the layout of k^T. With the rows of q and k
+            # interleaved in the qkv weight (q_0, k_0, q_1, k_1, ...; constants of the graph) one
+            # plain transpose of the [B, N, 2C] output gets there.
+            weight, bias = self.qkv.weight, self.qkv.bias
+            order = torch.arange(2 * C, device=x.device).view(2, C).t().flatten()  # [2C]
+            order = torch.cat([order, torch.arange(2 * C, 3 * C, device=x.device)])
+            qkv = F.linear(x, weight[order], None if bias is None else bias[order])  # [B, N, 3C]
+            qk = eab.forward_channels_first(qkv[..., :2 * C].transpose(1, 2).view(B, C, 2, N), state)
+            q, k = (qk[:, :, i].reshape(B, H, D, N).transpose(-2, -1) for i in range(2))
+            v = qkv[..., 2 * C:].reshape(B, N, H, D).transpose(1, 2)
+        else:
+            q, k, v = self.qkv(x).view(B, N, 3, C).unbind(2)  # [B, N, C] each
+            if eab is not None:
+                q, k = eab(q, k, state)
+            q, k, v = (t.view(B, N, H, D).transpose(1, 2) for t in (q, k, v))
+        q, k = self.q_norm(q), self.k_norm(k)  # [B, H, N, D]
         # Proportional attention (ToMe): a token standing for s patches gets log(s) extra logit.
         bias = state.size.log().to(q.dtype).view(B, 1, 1, N) if state.size is not None else None
 
@@ -62,7 +79,7 @@ class SDT2NetAttention(Attention):
                 importance = attn[:, :, 0, 1:].mean(dim=1)
             out = self.attn_drop(attn) @ v
         else:
-            if self.fused_attn:
+            if self.fused_attn and not exporting():
                 out = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.)
             else:
