@@ -196,8 +196,8 @@ def compress_for_export(x: torch.Tensor, state: TokenState, importance: torch.Te
     x: [B, N, C] (every token alive); importance: [B, N - 1]; kept counts include the class token.
     Differences from the general path, none of which changes the result for finite inputs: while
     tracing only the kept patches are ranked (TopK of prune_kept - 1, ties to the lower index as
-    the stable sort, without the NaN guard of training); gathers along the token axis instead of
-    rows of the flattened batch (no offsets to build); the sources' similarity is ranked against
+    the stable sort, without the NaN guard of training); tokens picked by indexing (GatherND) instead
+    of rows of the flattened batch (no offsets to build); the sources' similarity is ranked against
     normalised destinations only (a positive factor per source does not change its argmax);
     merging is a product with the [B, M, S] one-hot assignment instead of two scatters.
     """
@@ -206,8 +206,11 @@ def compress_for_export(x: torch.Tensor, state: TokenState, importance: torch.Te
         order = F.pad(importance.topk(prune_kept - 1, dim=1).indices + 1, (1, 0))
     else:  # eager export_numerics(): eager topk does not promise the lower index on ties
         order = sort_by_importance(importance, N)[:, :prune_kept]
-    x = x.gather(1, order[..., None].expand(-1, -1, C))  # [B, prune_kept, C]
-    size = state.size.gather(1, order[..., None]) if state.size is not None else state.sizes(x)  # [B, prune_kept, 1]
+    # NOTE indexing exports as GatherND of whole rows; gather(1, order.expand(..., C)) would write
+    # and read an index as large as x (3x slower in onnxruntime at DeiT-S's width)
+    images = torch.arange(B, device=x.device)[:, None]  # [B, 1]
+    x = x[images, order]  # [B, prune_kept, C]
+    size = state.size[images, order] if state.size is not None else state.sizes(x)  # [B, prune_kept, 1]
     dst = None
     if merge_kept < prune_kept:
         with torch.no_grad():
