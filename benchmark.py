@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import os
+import statistics
 import tempfile
 import warnings
 from typing import Callable, Dict, Iterator, Tuple
@@ -27,7 +28,7 @@ from sdt2net.losses import flops_penalty
 from sdt2net.models import sdt2net as sdt2net_module
 from sdt2net.models.ftf import add_ridge, weighted_covariance
 from sdt2net.models.sqrtm import eigh_sqrtm, pade_sqrtm
-from sdt2net.timing import inference, measure, retain_freed_memory
+from sdt2net.timing import inference, measure, measure_rounds, paired_ratio, retain_freed_memory
 from sdt2net.utils import ArgumentParser, UserError, atomic_write_text, error_boundary
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -229,28 +230,31 @@ def benchmark_onnx(args) -> Dict[str, float]:
                 feed = {'images': images.numpy()}
                 cases = {name: (lambda r=runner: r.run(None, feed)) for name, runner in runners.items()}
                 cases['eager compressed EAB+FTF'] = inference(nets['compressed EAB+FTF'], images)
-                seconds = measure(cases, torch.device('cpu'), args.warmup, args.repeats)
-                print(f'batch {batch}:')
+                rounds = measure_rounds(cases, torch.device('cpu'), args.warmup, args.repeats)
+                seconds = {name: statistics.median(t) for name, t in rounds.items()}
+
+                def report(key: str, label: str, numerator: str, denominator: str, scale: float = 1.0) -> None:
+                    """Print and keep the seconds of numerator / those of denominator / scale, paired
+                    within rounds."""
+                    middle, low, high = (r / scale for r in paired_ratio(rounds[numerator], rounds[denominator]))
+                    results[f'onnx {setting} {key} batch {batch}'] = middle
+                    print(f'  {label}: {middle:.2f} (quartiles over rounds {low:.2f}-{high:.2f})')
+                print(f'batch {batch} (img/s: medians of {args.repeats} rounds; ratios: medians of the ratios '
+                      f'within rounds):')
                 for name in runners:
                     print(f'  {name:26s} {gflops[name]:7.3f} GFLOPs {batch / seconds[name]:9.1f} img/s')
                     results[f'onnx {setting} img/s {name} batch {batch}'] = batch / seconds[name]
                 for variant in ('EAB/FTF off', 'EAB+FTF'):
-                    speedup = seconds[f'dense {variant}'] / seconds[f'compressed {variant}']
                     flops_ratio = gflops[f'dense {variant}'] / gflops[f'compressed {variant}']
-                    results[f'onnx {setting} speedup/flops-ratio {variant} batch {batch}'] = speedup / flops_ratio
-                    print(f'  compressed ({variant}): {speedup:.2f}x faster for {flops_ratio:.2f}x fewer FLOPs: '
-                          f'{speedup / flops_ratio:.2f} of the FLOPs ratio')
-                floor = (seconds['dense EAB/FTF off'] / seconds[FLOOR]) / (gflops['dense EAB/FTF off'] / gflops[FLOOR])
-                results[f'onnx {setting} floor speedup/flops-ratio batch {batch}'] = floor
-                print(f'  the same token counts with the token operations as slices (floor, EAB/FTF off): '
-                      f'{floor:.2f} of the FLOPs ratio')
-                same = seconds['timm'] / seconds['EAB+FTF at DeiT FLOPs']
-                results[f'onnx {setting} EAB+FTF at DeiT FLOPs / timm batch {batch}'] = same
-                print(f'  EAB+FTF at {gflops["EAB+FTF at DeiT FLOPs"]:.3f} GFLOPs / timm DeiT at {gflops["timm"]:.3f}: '
-                      f'{same:.2f} of its throughput')
-                over_eager = seconds['eager compressed EAB+FTF'] / seconds['compressed EAB+FTF']
-                results[f'onnx {setting} onnxruntime over eager batch {batch}'] = over_eager
-                print(f'  onnxruntime over eager PyTorch (compressed EAB+FTF): {over_eager:.2f}x')
+                    report(f'speedup/flops-ratio {variant}', f'compressed ({variant}), speedup over dense / '
+                           f'{flops_ratio:.2f}x fewer FLOPs', f'dense {variant}', f'compressed {variant}', flops_ratio)
+                report('floor speedup/flops-ratio', 'the same token counts with the token operations as slices '
+                       '(floor, EAB/FTF off), speedup / FLOPs ratio', 'dense EAB/FTF off', FLOOR,
+                       gflops['dense EAB/FTF off'] / gflops[FLOOR])
+                report('EAB+FTF at DeiT FLOPs / timm', f'EAB+FTF at {gflops["EAB+FTF at DeiT FLOPs"]:.3f} GFLOPs, '
+                       f'throughput / timm DeiT at {gflops["timm"]:.3f}', 'timm', 'EAB+FTF at DeiT FLOPs')
+                report('onnxruntime over eager', 'onnxruntime over eager PyTorch (compressed EAB+FTF)',
+                       'eager compressed EAB+FTF', 'compressed EAB+FTF')
     return results
 
 

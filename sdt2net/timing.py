@@ -1,17 +1,17 @@
-"""Timing helpers of the benchmarks and reports: one timed call, cases measured round-robin, and
-glibc's allocator kept from returning freed memory (page faults would be timed otherwise)."""
+"""Timing helpers of the benchmarks and reports: one timed call, cases measured round-robin, ratios
+paired within rounds, and glibc's allocator kept from returning freed memory (page faults would be timed otherwise)."""
 import contextlib
 import ctypes
 import ctypes.util
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
 
-def measure(cases: Dict[str, Callable[[], None]], device, warmup: int, repeats: int) -> Dict[str, float]:
-    """Median seconds per call of every case, measured round-robin."""
+def measure_rounds(cases: Dict[str, Callable[[], None]], device, warmup: int, repeats: int) -> Dict[str, List[float]]:
+    """Seconds of every call of every case, measured round-robin: per case one entry per round."""
     for fn in cases.values():
         for _ in range(warmup):
             fn()
@@ -19,7 +19,24 @@ def measure(cases: Dict[str, Callable[[], None]], device, warmup: int, repeats: 
     for _ in range(repeats):
         for name, fn in cases.items():
             times[name].append(timed(fn, device))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def measure(cases: Dict[str, Callable[[], None]], device, warmup: int, repeats: int) -> Dict[str, float]:
+    """Median seconds per call of every case, measured round-robin."""
+    return {name: statistics.median(t) for name, t in measure_rounds(cases, device, warmup, repeats).items()}
+
+
+def paired_ratio(numerator: List[float], denominator: List[float]) -> Tuple[float, float, float]:
+    """numerator / denominator of two cases timed in the same rounds: the median over rounds of the
+    ratio within each round, and its quartiles. A change of the machine's speed that lasts a round
+    (a noisy neighbour, a frequency step) moves both cases and cancels, where a ratio of the two
+    cases' own medians does not."""
+    ratios = [a / b for a, b in zip(numerator, denominator)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    low, middle, high = statistics.quantiles(ratios, n=4, method='inclusive')
+    return middle, low, high
 
 
 def inference(net: torch.nn.Module, images: torch.Tensor, autocast=contextlib.nullcontext) -> Callable[[], None]:

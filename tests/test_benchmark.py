@@ -45,3 +45,13 @@ def test_onnx_part_reports_the_deployed_ratios(tmp_path):
 @pytest.mark.skipif(not os.path.exists(REFERENCE_SCHEDULES), reason='needs ../shared/reference')
 def test_builtin_schedule_equals_diffrates_published_one():
     assert benchmark.vit_s_2_9_schedule() == benchmark.VIT_S_2_9
+
+
+def test_ratios_pair_the_two_cases_round_by_round():
+    """benchmark.py's ratios are medians of the ratio within each round (a change of the machine's
+    speed that lasts a round cancels), with their quartiles; one round gives its own ratio."""
+    from sdt2net.timing import paired_ratio
+    assert paired_ratio([1.0, 2.0, 4.0], [2.0, 8.0, 4.0]) == (0.5, 0.375, 0.75)  # ratios 0.5, 0.25, 1.0
+    slowed = [3.0, 1.0, 1.0, 3.0, 1.0]  # rounds 1 and 4 ran 3x slower for both cases
+    assert paired_ratio([2 * s for s in slowed], slowed) == (2.0, 2.0, 2.0)
+    assert paired_ratio([3.0], [2.0]) == (1.5, 1.5, 1.5)
