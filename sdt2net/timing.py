@@ -1,5 +1,6 @@
 """Timing helpers of the benchmarks and reports: one timed call, cases measured round-robin, ratios
-paired within rounds, and glibc's allocator kept from returning freed memory (page faults would be timed otherwise)."""
+paired within rounds, and glibc's allocator kept from returning freed memory (page faults would
+be timed otherwise)."""
 import contextlib
 import ctypes
 import ctypes.util
@@ -30,8 +31,8 @@ def measure(cases: Dict[str, Callable[[], None]], device, warmup: int, repeats: 
 def paired_ratio(numerator: List[float], denominator: List[float]) -> Tuple[float, float, float]:
     """numerator / denominator of two cases timed in the same rounds: the median over rounds of the
     ratio within each round, and its quartiles. A change of the machine's speed that lasts a round
-    (a noisy neighbour, a frequency step) moves both cases and cancels, where a ratio of the two
-    cases' own medians does not."""
+    (a noisy neighbour, a frequency step) moves both cases and cancels; the two cases' own medians
+    may come from rounds of different speeds."""
     ratios = [a / b for a, b in zip(numerator, denominator)]
     if len(ratios) < 2:
         return ratios[0], ratios[0], ratios[0]

@@ -472,7 +472,14 @@ def test_token_shift_equals_paint_shift_and_read_back(channels, groups, shift, e
     owner[:, :N - 1] = torch.arange(N - 1)  # every token but the last owns a patch
     owner[owner == N - 1] = N
     x = torch.randn(B, N, channels, dtype=torch.float64)
-    with models.export_numerics() if exported else contextlib.nullcontext():
+    if exported:  # the exported graphs' form: channels first, [B, C, 1, N]
+        with models.export_numerics():
+            grid_shift = GridShift((H, W), owner, N, shift, groups, torch.float64)
+        tokens = x.transpose(1, 2).reshape(B, groups, channels // groups, 1, N)
+        moving = 4 * (channels // groups // 5)
+        shifted = grid_shift.channels_first(tokens[:, :, :moving], tokens[:, :, moving:]).view(B, channels, N)
+        shifted = shifted.transpose(1, 2)
+    else:
         shifted = GridShift((H, W), owner, N, shift, groups, torch.float64)(x)
     moving = torch.ones(channels, dtype=torch.bool).view(groups, -1)
     moving[:, 4 * (channels // groups // 5):] = False

@@ -24,8 +24,8 @@ from .tracing import exporting
 def moved_slices(moving: torch.Tensor, channel_dim: int, height_dim: int, width_dim: int, shift: int) -> torch.Tensor:
     """The exported graphs' grid shift: `moving` holds four channel slices on channel_dim and a
     grid on (height_dim, width_dim); the slices move left, right, up and down by `shift` patches,
-    zero filled. Assembled with cat (writes into slices export as scatters behind full-size
-    transposes, half of onnxruntime's time at batch 32). Same shape as moving."""
+    zero filled. Assembled with cat: writes into slices export as scatters behind full-size
+    transposes (docs/benchmark.md, "ONNX export and onnxruntime"). Same shape as moving."""
     g, s = moving.shape[channel_dim] // 4, shift
 
     def moved(index: int, dim: int, forward: bool) -> torch.Tensor:
@@ -89,19 +89,19 @@ class GridShift:
         crops = (padded[..., s:-s, 2 * s:], padded[..., s:-s, :-2 * s],
                  padded[..., 2 * s:, s:-s], padded[..., :-2 * s, s:-s])
         source = torch.cat(crops, dim=1).view(B, 4, P)
-        # each token's patches together, in token order, pruned patches (owner N) last: [B, P]
-        owner, order = owner.sort(dim=1)
-        source = source.gather(2, order[:, None].expand(-1, 4, -1))
         counts = torch.zeros(B, N + 1, dtype=torch.long, device=owner.device).scatter_add_(
             1, owner, torch.ones_like(owner))  # [B, N + 1] patches per token (the last: pruned)
         # 1 / patches of its token, 0 for a pruned patch or a source outside the tokens: [B, 4, P]
         weight = ((owner < N).to(dtype) / counts.gather(1, owner))[:, None] * (source < N).to(dtype)
         source = source.clamp(max=N - 1)  # zero weight where clamped
-        if exporting():
+        if exporting():  # a sum over the patches in any order: no sort
             index = source * N + owner.clamp(max=N - 1)[:, None]
             self.operator = torch.zeros(B, 4, N * N, dtype=dtype, device=owner.device).scatter_add_(
                 2, index, weight).view(B, 4, N, N)
             return
+        # the bags: each token's patches together, in token order, pruned patches (owner N) last
+        order = owner.sort(dim=1).indices[:, None].expand(-1, 4, -1)  # [B, 4, P]
+        source, weight = source.gather(2, order), weight.gather(2, order)
         first = torch.arange(B, device=owner.device)[:, None]
         counts = counts[:, :N]
         offsets = (first * P + counts.cumsum(1) - counts).flatten()  # [B * N] first patch of each token
@@ -118,9 +118,7 @@ class GridShift:
         `groups` groups of five slices each."""
         B, N, C = tokens.shape
         if self.operator is not None:
-            x = tokens.transpose(1, 2).reshape(B, self.groups, C // self.groups, 1, N)
-            g = C // self.groups // 5
-            return self.channels_first(x[:, :, :4 * g], x[:, :, 4 * g:]).view(B, C, N).transpose(1, 2)
+            raise RuntimeError('a GridShift built under exporting() applies to channels-first tokens: channels_first')
         if self.bags is None:
             H, W = self.grid_size
             return shift_channel_groups(tokens.reshape(B, H, W, C), self.groups, self.shift_by).reshape(B, N, C)
@@ -199,13 +197,13 @@ class ShiftConvModule(nn.Module):
         streams) -> [B, C, S, N]; the 1x1 convs are weight @ tokens, no transposes in between."""
         B, C, S, N = tokens.shape
         x = tokens.view(B, self.groups, C // self.groups, S, N)
-        g = x.shape[2] // 5
-        shifted = shift.channels_first(x[:, :, :4 * g], x[:, :, 4 * g:])
+        moving_in = 4 * (x.shape[2] // 5)  # the four moving slices of each group's channels
+        shifted = shift.channels_first(x[:, :, :moving_in], x[:, :, moving_in:])
         # NOTE the expanding conv's moving and resting channels as two products: the second shift
         # then needs no split of the [B, hidden, S, N] map
-        g = self.expand.out_channels // self.groups // 5
+        moving_hidden = 4 * (self.expand.out_channels // self.groups // 5)
         moving, rest = (F.relu(self._pointwise_channels_first(self.expand, shifted, rows))
-                        for rows in (slice(0, 4 * g), slice(4 * g, None)))
+                        for rows in (slice(0, moving_hidden), slice(moving_hidden, None)))
         return self._pointwise_channels_first(self.reduce, shift.channels_first(moving, rest)).view(B, C, S, N)
 
     @staticmethod
