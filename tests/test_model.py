@@ -1,5 +1,4 @@
 """Properties of the SDT2Net model (DESIGN.md section 9)."""
-import contextlib
 import json
 import os
 
