@@ -22,14 +22,14 @@ from unittest import mock
 import timm
 import torch
 
-from sdt2net import models  # registers the SDT2Net models with timm
-from sdt2net.schedule_file import load_schedule
-from sdt2net.losses import flops_penalty
-from sdt2net.models import sdt2net as sdt2net_module
-from sdt2net.models.ftf import add_ridge, weighted_covariance
-from sdt2net.models.sqrtm import eigh_sqrtm, pade_sqrtm
-from sdt2net.timing import inference, measure, measure_rounds, paired_ratio, retain_freed_memory
-from sdt2net.utils import ArgumentParser, UserError, atomic_write_text, error_boundary
+import models  # registers the SDT2Net models with timm
+from losses import flops_penalty
+from models import sdt2net as sdt2net_module
+from models.ftf import add_ridge, weighted_covariance
+from models.sqrtm import eigh_sqrtm, pade_sqrtm
+from utils import ArgumentParser, UserError, atomic_write_text, error_boundary
+from workflow.schedule_file import load_schedule
+from workflow.timing import inference, measure, measure_rounds, paired_ratio, retain_freed_memory
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = os.path.join(ROOT, '..', 'shared', 'reference', 'diffrate_compression_rate.json')
@@ -211,7 +211,7 @@ def benchmark_onnx(args) -> Dict[str, float]:
     graphs' speedup over the dense ones against their FLOPs ratio, the EAB+FTF model at the DeiT's
     FLOPs against timm's exported DeiT, and onnxruntime against eager PyTorch."""
     import onnxruntime
-    from sdt2net.onnx_export import export_onnx, onnx_runner
+    from workflow.onnx_export import export_onnx, onnx_runner
     results = {}
     for setting in args.onnx_settings:
         size = args.onnx_input_size or ONNX_SETTINGS[setting][2]

@@ -9,8 +9,8 @@ import argparse
 import json
 import sys
 
-from sdt2net.stats import compare_files
-from sdt2net.utils import ArgumentParser, atomic_write_text, error_boundary
+from utils import ArgumentParser, atomic_write_text, error_boundary
+from workflow.stats import compare_files
 
 
 @error_boundary

@@ -4,7 +4,7 @@
     python export.py onnx OUT/model_best.pth sdt2net_nwpu.onnx --check DATA/test --max-images 256
 
 `release` writes a weights-only file (weights, schedule, class names, the arguments that define
-the network; no optimizer state) that sdt2net.runs.load_trained_model, predict.py, `main.py --eval
+the network; no optimizer state) that workflow.runs.load_trained_model, predict.py, `main.py --eval
 --finetune FILE` and `main.py --finetune FILE` read, and timm.create_model(..., checkpoint_path=FILE)
 loads the weights of. `onnx` writes the evaluation model under its fixed schedule as an ONNX graph
 (static token counts, dynamic batch; class names, schedule and preprocessing in its metadata) and,
@@ -15,11 +15,11 @@ import json
 import os
 import sys
 
-from sdt2net.data import batches, build_transform, collect_images
-from sdt2net.onnx_export import (ONNX_OPSET, OUTLIER_SHARE, PARITY_TOLERANCE, compare_with_onnxruntime, export_onnx,
-                                 onnx_metadata, require_packages)
-from sdt2net.runs import load_trained_model, write_release
-from sdt2net.utils import ArgumentParser, UserError, error_boundary
+from datasets import batches, build_transform, collect_images
+from utils import ArgumentParser, UserError, error_boundary
+from workflow.onnx_export import (ONNX_OPSET, OUTLIER_SHARE, PARITY_TOLERANCE, compare_with_onnxruntime, export_onnx,
+                                  onnx_metadata, require_packages)
+from workflow.runs import load_trained_model, write_release
 
 
 def onnx_command(args) -> int:

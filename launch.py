@@ -19,7 +19,7 @@ import tempfile
 import time
 from typing import List, Optional, Tuple
 
-from sdt2net.utils import ArgumentParser, error_boundary
+from utils import ArgumentParser, error_boundary
 
 
 def free_port() -> int:

@@ -21,19 +21,19 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from sdt2net import models
-from sdt2net.data import UnreadableImageError, build_dataset, build_samplers, check_images
-from sdt2net.engine import Precision, SearchObjective, evaluate, measure_throughput, train_one_epoch
-from sdt2net.losses import build_criterion
-from sdt2net.models.compression_rates import SEARCH_STARTS
-from sdt2net.models.token_ops import MERGE_RULES
-from sdt2net.run_schedule import FIXED_SCHEDULES, SCHEDULE_VARIANTS, resolve_schedule, start_search
-from sdt2net.runs import (OutputFolder, create_model, load_checkpoint, load_resumed_model, load_weights, save_epoch,
-                          write_per_class, write_predictions)
-from sdt2net.schedule_file import DEFAULT_FILE
-from sdt2net.utils import (ArgumentParser, NonFiniteError, ReplicasDisagreeError, UserError, append_json_line,
-                           atomic_write_text, check_replicas_agree, error_boundary, error_line, get_world_size,
-                           init_distributed, is_distributed, is_main_process, seed_everything, set_rng_state, unwrap)
+import models
+from datasets import UnreadableImageError, build_dataset, build_samplers, check_images
+from engine import Precision, SearchObjective, evaluate, measure_throughput, train_one_epoch
+from losses import build_criterion
+from models.compression_rates import SEARCH_STARTS
+from models.token_ops import MERGE_RULES
+from utils import (ArgumentParser, NonFiniteError, ReplicasDisagreeError, UserError, append_json_line,
+                   atomic_write_text, check_replicas_agree, error_boundary, error_line, get_world_size,
+                   init_distributed, is_distributed, is_main_process, seed_everything, set_rng_state, unwrap)
+from workflow.run_schedule import FIXED_SCHEDULES, SCHEDULE_VARIANTS, resolve_schedule, start_search
+from workflow.runs import (OutputFolder, create_model, load_checkpoint, load_resumed_model, load_weights, save_epoch,
+                           write_per_class, write_predictions)
+from workflow.schedule_file import DEFAULT_FILE
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -43,6 +43,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--data-path', default='', type=str, help='ImageFolder root with train/ and val/ (and test/)')
     g.add_argument('--data-set', default='folder', choices=['folder', 'synthetic', 'IMNET'],
                    help='folder (IMNET is an alias) or in-memory synthetic data')
+    g.add_argument('--train-path', default='',
+                   help='training ImageFolder (default DATA/train), e.g. a pretraining pool whose classes are '
+                        'those of DATA/val')
     g.add_argument('--eval-split', default='val', help='with --eval: the split folder to evaluate (e.g. test)')
     g.add_argument('--synthetic-classes', type=int, default=10, help='classes of the synthetic set')
     g.add_argument('--synthetic-train-size', type=int, default=640, help='synthetic training images')

@@ -14,8 +14,8 @@ import shutil
 import sys
 from typing import Dict, List
 
-from sdt2net.data import IMAGE_EXTENSIONS, list_classes
-from sdt2net.utils import ArgumentParser, UserError, atomic_write_text, error_boundary
+from datasets import IMAGE_EXTENSIONS, list_classes
+from utils import ArgumentParser, UserError, atomic_write_text, error_boundary
 
 
 def scan_classes(source: str) -> Dict[str, List[str]]:

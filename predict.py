@@ -19,10 +19,10 @@ from typing import Dict, List
 
 import torch
 
-from sdt2net.data import batches, build_transform, collect_images, eval_transform
-from sdt2net.onnx_export import OnnxClassifier, require_packages
-from sdt2net.runs import load_trained_model
-from sdt2net.utils import ArgumentParser, UserError, atomic_write_text, error_boundary
+from datasets import batches, build_transform, collect_images, eval_transform
+from utils import ArgumentParser, UserError, atomic_write_text, error_boundary
+from workflow.onnx_export import OnnxClassifier, require_packages
+from workflow.runs import load_trained_model
 
 
 @error_boundary
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
 
 
 def explain(model, images: torch.Tensor, names: List[str], out_dir: str) -> None:
-    from sdt2net.figures import save, token_groups_figure
+    from workflow.figures import save, token_groups_figure
     for image, name in zip(images, names):
         fig = token_groups_figure(model, image[None].to(next(model.parameters()).device), [os.path.basename(name)])
         save(fig, out_dir, os.path.splitext(os.path.basename(name))[0] + '_tokens.png')

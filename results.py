@@ -14,8 +14,8 @@ import statistics
 import sys
 from typing import Dict, List, Optional
 
-from sdt2net.runs import read_run
-from sdt2net.utils import ArgumentParser, UserError, error_boundary
+from utils import ArgumentParser, UserError, error_boundary
+from workflow.runs import read_run
 
 COLUMNS = {  # name: (header, how to read it from a run's record)
     'top1': ('top-1 (%)', lambda r: r.get('acc1')),

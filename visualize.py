@@ -12,9 +12,9 @@ import argparse
 import os
 import sys
 
-from sdt2net.figures import (plot_confusion, plot_curves, plot_pareto, plot_pipeline, plot_schedule,
-                             plot_token_groups)
-from sdt2net.utils import ArgumentParser, UserError, error_boundary, error_line
+from utils import ArgumentParser, UserError, error_boundary, error_line
+from workflow.figures import (plot_confusion, plot_curves, plot_pareto, plot_pipeline, plot_schedule,
+                              plot_token_groups)
 
 
 @error_boundary

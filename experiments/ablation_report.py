@@ -11,10 +11,10 @@ import sys
 import matplotlib
 import torch
 
-from sdt2net.runs import load_trained_model, seed_runs
-from sdt2net.stats import summarise
-from sdt2net.timing import inference, measure
-from sdt2net.utils import ArgumentParser, error_boundary
+from utils import ArgumentParser, error_boundary
+from workflow.runs import load_trained_model, seed_runs
+from workflow.stats import summarise
+from workflow.timing import inference, measure
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)

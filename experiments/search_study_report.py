@@ -15,11 +15,11 @@ import sys
 
 import matplotlib
 
-from sdt2net.models import Schedule
-from sdt2net.schedule_file import DEFAULT_FILE, save_schedule
-from sdt2net.runs import seed_runs
-from sdt2net.stats import compare_files, summarise
-from sdt2net.utils import ArgumentParser, UserError, error_boundary, read_json
+from models import Schedule
+from utils import ArgumentParser, UserError, error_boundary, read_json
+from workflow.runs import seed_runs
+from workflow.schedule_file import DEFAULT_FILE, save_schedule
+from workflow.stats import compare_files, summarise
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)

@@ -7,7 +7,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from sdt2net import models  # noqa: E402,F401  (registers the SDT2Net models with timm)
+import models  # noqa: E402,F401  (registers the SDT2Net models with timm)
 
 REFERENCE_SCHEDULES = os.path.join(ROOT, '..', 'shared', 'reference', 'diffrate_compression_rate.json')
 

@@ -50,7 +50,7 @@ def test_builtin_schedule_equals_diffrates_published_one():
 def test_ratios_pair_the_two_cases_round_by_round():
     """benchmark.py's ratios are medians of the ratio within each round (a change of the machine's
     speed that lasts a round cancels), with their quartiles; one round gives its own ratio."""
-    from sdt2net.timing import paired_ratio
+    from workflow.timing import paired_ratio
     assert paired_ratio([1.0, 2.0, 4.0], [2.0, 8.0, 4.0]) == (0.5, 0.375, 0.75)  # ratios 0.5, 0.25, 1.0
     slowed = [3.0, 1.0, 1.0, 3.0, 1.0]  # rounds 1 and 4 ran 3x slower for both cases
     assert paired_ratio([2 * s for s in slowed], slowed) == (2.0, 2.0, 2.0)

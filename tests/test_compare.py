@@ -1,9 +1,9 @@
-"""compare.py and sdt2net.stats: the paired difference, its bootstrap interval and McNemar's test."""
+"""compare.py and workflow.stats: the paired difference, its bootstrap interval and McNemar's test."""
 import numpy as np
 import pytest
 
 import compare
-from sdt2net import stats
+from workflow import stats
 
 
 def write(path, correct):

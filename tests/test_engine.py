@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import small_sdt2net
-from sdt2net.engine import Precision, SearchObjective, confusion_metrics, train_one_epoch
+from engine import Precision, SearchObjective, confusion_metrics, train_one_epoch
 
 
 @pytest.mark.parametrize('mode,weights_move,rates_move', [

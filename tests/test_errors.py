@@ -21,8 +21,8 @@ import predict
 import results
 import visualize
 from conftest import ROOT
-from sdt2net.utils import UserError, error_boundary
 from test_pipeline import FAST, MODEL, TARGET, make_image_folder
+from utils import UserError, error_boundary
 
 COMMON = ['--model', MODEL, '--target_flops', TARGET] + FAST
 
@@ -33,6 +33,7 @@ def finished(tmp_path_factory):
     root = tmp_path_factory.mktemp('errors')
     data, out = make_image_folder(root / 'data'), root / 'out'
     assert entry.run([str(a) for a in ['--data-path', data, '--output_dir', out, '--epochs', '1'] + COMMON]) == 0
+    make_image_folder(root / 'other', classes=('forest', 'harbor', 'beach'))
     (root / 'a_file').write_text('not a folder')
     (root / 'junk.pth').write_bytes(os.urandom(256))
     write_schedule(root / 'increasing.json', [50, 20, 30] + [20] * 9, [50, 20, 30] + [20] * 9)
@@ -93,6 +94,10 @@ MAIN_CASES = [
     ('output folder is a file', ['--data-path', '{data}', '--output_dir', '{root}/a_file'], ['a_file']),
     ('output folder under a file', ['--data-path', '{data}', '--output_dir', '{root}/a_file/run'], ['a_file']),
     ('missing data folder', ['--data-path', '{root}/nowhere', '--output_dir', '{root}/new9'], ['nowhere']),
+    ('missing training folder', ['--data-path', '{data}', '--train-path', '{root}/nowhere', '--output_dir',
+                                 '{root}/new10'], ['nowhere']),
+    ('training folder of other classes', ['--data-path', '{data}', '--train-path', '{root}/other/train',
+                                          '--output_dir', '{root}/new11'], ['only in train', 'beach']),
     ('missing evaluation split', ['--data-path', '{data}', '--eval', '--resume', '{out}/checkpoint.pth',
                                   '--eval-split', 'test'], ['test']),
     ('schedule file with increasing counts', ['--data-path', '{data}', '--eval', '--resume', '{out}/checkpoint.pth',

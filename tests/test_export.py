@@ -10,11 +10,12 @@ from PIL import Image
 
 import export
 import main as entry
+import models
 import predict
-from sdt2net import models, onnx_export
-from sdt2net.data import build_transform, load_rgb
-from sdt2net.runs import load_trained_model
+from datasets import build_transform, load_rgb
 from test_pipeline import FAST, MODEL, TARGET, make_image_folder
+from workflow import onnx_export
+from workflow.runs import load_trained_model
 
 HAVE_ONNX = all(importlib.util.find_spec(name) for name in ('onnx', 'onnxruntime', 'onnxscript'))
 
@@ -121,7 +122,7 @@ def test_onnx_export_runs_in_onnxruntime_with_pytorchs_logits(trained, tmp_path,
 
 @pytest.mark.skipif(not HAVE_ONNX, reason='optional packages of requirements-export.txt not installed')
 def test_exported_token_order_breaks_ties_as_the_stable_sort(tmp_path):
-    from sdt2net.models.token_ops import sort_by_importance
+    from models.token_ops import sort_by_importance
 
     class Order(torch.nn.Module):
         def forward(self, importance):

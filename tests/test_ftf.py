@@ -4,8 +4,8 @@ import copy
 import pytest
 import torch
 
-from sdt2net.models.ftf import SecondOrderHead, masked_batch_norm, weighted_covariance
-from sdt2net.models.sqrtm import eigh_sqrtm, pade_sqrtm, spd_inverse
+from models.ftf import SecondOrderHead, masked_batch_norm, weighted_covariance
+from models.sqrtm import eigh_sqrtm, pade_sqrtm, spd_inverse
 
 
 def well_conditioned_covariances(batch: int, dim: int, dtype=torch.float64) -> torch.Tensor:

@@ -7,9 +7,9 @@ import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sdt2net import models
-from sdt2net.models.token_ops import merge_into
+import models
 from conftest import REFERENCE_SCHEDULES, sharpen_attention, small_sdt2net
+from models.token_ops import merge_into
 
 NAMES = ['sdt2net_tiny_patch16_224', 'sdt2net_small_patch16_224', 'sdt2net_base_patch16_224',
          'vit_deit_tiny_patch16_224', 'vit_deit_small_patch16_224', 'vit_deit_base_patch16_224',
@@ -323,7 +323,7 @@ def test_prune_distribution_receives_the_gradient_of_the_tokens_it_prunes():
     """A stage's straight-through mask reads 1 where another stage removed the token, so in
     mask = previous * prune * merge every removed token's gradient reaches the stage that
     removed it: pruned tokens the prune distribution, merged tokens the merge distribution."""
-    from sdt2net.models.compression_rates import CompressionRates
+    from models.compression_rates import CompressionRates
     rates = CompressionRates(depth=2, num_patches=16, granularity=1)
     with torch.no_grad():  # candidates 16..1: prune keeps 12 patches, merge keeps 8
         rates.logits.fill_(-30)
@@ -360,7 +360,7 @@ def test_budget_gradient_reaches_both_counts_of_a_block():
 def test_eab_on_tokens_equals_the_grid_module_at_full_keep():
     """At full keep the tokens are the patch grid: the SCM equals ELAN's module on the grid
     (shift, 1x1 conv2d, ReLU, shift, 1x1 conv2d, residual), written out here with conv2d."""
-    from sdt2net.models.eab import EfficientAttentionShift
+    from models.eab import EfficientAttentionShift
     torch.manual_seed(0)
     eab = EfficientAttentionShift(40, 2.0, 1, shift=2, shared=True).double()
     torch.nn.init.normal_(eab.scm.reduce.weight, std=0.1)
@@ -390,7 +390,7 @@ def test_eab_on_tokens_equals_the_grid_module_at_full_keep():
 def test_eab_stacked_q_and_k_equal_one_after_the_other(monkeypatch, compressed):
     """Small batches pass q and k through the shared SCM as one batch of 2B, the residual added
     in place; large ones pass them one after the other. Same outputs and gradients."""
-    import sdt2net.models.eab as eab_module
+    import models.eab as eab_module
     torch.manual_seed(0)
     eab = eab_module.EfficientAttentionShift(40, 2.0, 1, shift=1, shared=True).double()
     torch.nn.init.normal_(eab.scm.reduce.weight, std=0.1)
@@ -417,7 +417,7 @@ def test_eab_stacked_q_and_k_equal_one_after_the_other(monkeypatch, compressed):
 def test_eab_shift_lists_are_built_once_per_compression(monkeypatch):
     """Blocks that do not compress reuse the shift lists of the block before (same owners); a
     compression hands the next block an empty store, so nothing stale is reused."""
-    import sdt2net.models.eab as eab_module
+    import models.eab as eab_module
     built = []
     original = eab_module.GridShift.__init__
 
@@ -465,7 +465,7 @@ def test_token_shift_equals_paint_shift_and_read_back(channels, groups, shift, e
     exported graphs N x N matrices) equals the plain procedure: paint every token onto its
     patches (pruned: zero), shift the grid, average each token's patches. A token that owns no
     patch (masked in training) receives zeros in the moving slices."""
-    from sdt2net.models.eab import GridShift, shift_channel_groups
+    from models.eab import GridShift, shift_channel_groups
     B, H, W, N = 3, 7, 7, 20
     owner = torch.randint(0, N + 1, (B, H * W))  # N: pruned
     owner[:, :N - 1] = torch.arange(N - 1)  # every token but the last owns a patch

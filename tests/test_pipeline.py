@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 import main as entry
-from launch import free_port
-from sdt2net import utils
+import utils
 import visualize
-from sdt2net.schedule_file import load_schedule
-from sdt2net.models import Schedule
 from conftest import REFERENCE_SCHEDULES, ROOT
+from launch import free_port
+from models import Schedule
+from workflow.schedule_file import load_schedule
 
 MODEL = 'vit_deit_tiny_patch16_224'
 FAST = ['--input-size', '48', '--granularity', '2', '--num_workers', '0', '--warmup-epochs', '0',
@@ -182,6 +182,19 @@ def test_wrong_data_path(tmp_path, capsys):
     code, _, err = run_main(['--data-path', tmp_path / 'nowhere', '--model', MODEL, '--target_flops', TARGET] + FAST,
                             capsys)
     assert_clean_error(code, err, 'nowhere')
+
+
+def test_train_path_trains_on_a_pool_and_selects_on_data_val(tmp_path, capsys):
+    """A pretraining pool: DATA holds only val/, --train-path the training images (both read)."""
+    data, pool = make_image_folder(tmp_path / 'data', train=0), make_image_folder(tmp_path / 'pool', val=0, train=6)
+    argv = ['--data-path', data, '--model', MODEL, '--target_flops', TARGET, '--fixed-schedule', 'dense',
+            '--epochs', '1', '--output_dir', tmp_path / 'out'] + FAST
+    code, _, err = run_main(argv, capsys)
+    assert_clean_error(code, err, 'train')  # DATA/train has no images
+    code, out, err = run_main(argv + ['--train-path', pool / 'train'], capsys)
+    assert code == 0, err
+    log = [json.loads(line) for line in open(tmp_path / 'out' / 'log.txt')]
+    assert log[0]['test_num_images'] == 6 and 'epoch 0:' in out  # DATA/val: 3 classes x 2
 
 
 def test_empty_class_folder(tmp_path, capsys):
@@ -371,7 +384,7 @@ def test_launcher_names_the_process_that_failed(tmp_path):
     """Only rank 1 fails (an injected error after the process group formed); rank 0 is stopped."""
     script = tmp_path / 'fail_on_rank1.py'
     script.write_text('import os, sys\nimport torch.distributed as dist\n'
-                      'from sdt2net import utils\nutils.init_distributed("cpu")\n'
+                      'import utils\nutils.init_distributed("cpu")\n'
                       'if dist.get_rank() == 1:\n    print("error: disk full on this node", file=sys.stderr)\n'
                       '    sys.exit(2)\ndist.barrier()\n')
     log_dir = tmp_path / 'logs'
@@ -386,8 +399,8 @@ def test_launcher_names_the_process_that_failed(tmp_path):
 def test_the_shipped_schedules_are_the_default_file_and_fit_their_model():
     """--load_compression_rate without a file reads the repository's compression_rate.json; every
     entry it ships loads and fits the model and input size it was searched for, at its GFLOPs."""
-    from sdt2net import models
-    from sdt2net.schedule_file import DEFAULT_FILE
+    import models
+    from workflow.schedule_file import DEFAULT_FILE
     assert os.path.samefile(DEFAULT_FILE, os.path.join(ROOT, 'compression_rate.json'))
     table = json.load(open(DEFAULT_FILE))
     assert table

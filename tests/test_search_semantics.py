@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from sdt2net import models
-from sdt2net.engine import SearchObjective
-from sdt2net.models.token_ops import merge_into
+import models
 from conftest import sharpen_attention, small_sdt2net
+from engine import SearchObjective
+from models.token_ops import merge_into
 
 DEPTH, PATCHES = 4, 64  # small_sdt2net: stages prune(1), merge(1), ..., prune(3), merge(3)
 

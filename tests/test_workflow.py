@@ -6,7 +6,7 @@ import re
 import torch
 
 import main as entry
-from sdt2net.schedule_file import load_schedule
+from workflow.schedule_file import load_schedule
 
 MODEL = 'vit_deit_tiny_patch16_224'
 COMMON = ['--model', MODEL, '--input-size', '48', '--granularity', '2', '--num_workers', '0', '--warmup-epochs', '0',

@@ -8,8 +8,8 @@ from typing import Dict, Iterable, Optional
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from sdt2net import models
-from sdt2net.utils import UserError, atomic_write
+import models
+from utils import UserError, atomic_write
 
 
 EXPORT_PACKAGES = ('onnx', 'onnxruntime', 'onnxscript')  # requirements-export.txt

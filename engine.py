@@ -8,9 +8,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from sdt2net.losses import flops_penalty
-from sdt2net.timing import timed
-from sdt2net.utils import MetricLogger, NonFiniteError, all_reduce_sum, unwrap
+from losses import flops_penalty
+from utils import MetricLogger, NonFiniteError, all_reduce_sum, unwrap
+from workflow.timing import timed
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from sdt2net.utils import UserError
+from utils import UserError
 
 
 def read_predictions(path: str) -> Tuple[List[str], np.ndarray]:

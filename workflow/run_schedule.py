@@ -2,11 +2,11 @@
 search starts."""
 from typing import Any, Dict, Optional, Tuple
 
-from sdt2net import models
-from sdt2net.models import Schedule
-from sdt2net.runs import checkpoint_schedule
-from sdt2net.schedule_file import load_schedule
-from sdt2net.utils import UserError
+import models
+from models import Schedule
+from utils import UserError
+from workflow.runs import checkpoint_schedule
+from workflow.schedule_file import load_schedule
 
 FIXED_SCHEDULES = ('dense', 'uniform', 'uniform-prune', 'geometric', 'geometric-prune')
 SCHEDULE_VARIANTS = ('as-is', 'prune-only', 'merge-only')

@@ -16,10 +16,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import timm
 import torch
 
-from sdt2net import models
-from sdt2net.models import Schedule
-from sdt2net.schedule_file import diffrate_key, save_schedule
-from sdt2net.utils import UserError, atomic_torch_save, atomic_write_text, error_line, read_json, rng_state
+import models
+from models import Schedule
+from utils import UserError, atomic_torch_save, atomic_write_text, error_line, read_json, rng_state
+from workflow.schedule_file import diffrate_key, save_schedule
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:

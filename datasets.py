@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
-from sdt2net.utils import UserError, get_rank, get_world_size, is_distributed
+from utils import UserError, get_rank, get_world_size, is_distributed
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -44,14 +44,21 @@ def list_classes(split_dir: str) -> List[str]:
     return classes
 
 
-def check_class_folders(data_path: str, split: str = 'val') -> List[str]:
-    """The class names; train/ and the evaluation split must hold the same classes."""
+def train_dir(args) -> str:
+    """The training ImageFolder: --train-path (e.g. a pretraining pool), else DATA/train."""
+    return getattr(args, 'train_path', '') or os.path.join(args.data_path, 'train')
+
+
+def check_class_folders(data_path: str, split: str = 'val', train_path: str = '') -> List[str]:
+    """The class names; the training folder (train_path, default DATA/train) and the evaluation
+    split must hold the same classes."""
     if not os.path.isdir(data_path):
         raise UserError(f'--data-path {data_path} is not a folder')
-    train, other = list_classes(os.path.join(data_path, 'train')), list_classes(os.path.join(data_path, split))
+    train_path = train_path or os.path.join(data_path, 'train')
+    train, other = list_classes(train_path), list_classes(os.path.join(data_path, split))
     if train != other:
         only_train, only_other = sorted(set(train) - set(other)), sorted(set(other) - set(train))
-        raise UserError(f'train/ and {split}/ hold different classes (only in train: {only_train[:5]}, '
+        raise UserError(f'{train_path} and {split}/ hold different classes (only in train: {only_train[:5]}, '
                         f'only in {split}: {only_other[:5]})')
     return train
 
@@ -112,8 +119,8 @@ def build_dataset(is_train: bool, args, split: str = 'val') -> Tuple[Dataset, Li
         size = args.synthetic_train_size if is_train else args.synthetic_val_size
         dataset = SyntheticScenes(args.synthetic_classes, size, args.input_size, split_seed=1 if is_train else 2)
         return dataset, dataset.classes
-    classes = check_class_folders(args.data_path, split)
-    root = os.path.join(args.data_path, 'train' if is_train else split)
+    classes = check_class_folders(args.data_path, split, train_dir(args))
+    root = train_dir(args) if is_train else os.path.join(args.data_path, split)
     dataset = SceneFolder(root, transform=build_transform(is_train, args), loader=load_rgb,
                           is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS)
                           and not os.path.basename(p).startswith('.'))

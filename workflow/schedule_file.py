@@ -9,8 +9,8 @@ import os
 import re
 from typing import Dict, List, Optional
 
-from sdt2net.models.schedule import Schedule
-from sdt2net.utils import UserError, atomic_write_text, read_json
+from models.schedule import Schedule
+from utils import UserError, atomic_write_text, read_json
 
 # the schedules shipped with the repository, at its root
 DEFAULT_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'compression_rate.json')

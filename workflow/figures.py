@@ -9,8 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sdt2net.data import SceneFolder, build_transform  # noqa: E402
-from sdt2net.runs import eval_metrics, load_trained_model, read_log  # noqa: E402
+from datasets import SceneFolder, build_transform  # noqa: E402
+from workflow.runs import eval_metrics, load_trained_model, read_log  # noqa: E402
 
 
 def run_label(run: str) -> str:
