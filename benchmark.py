@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import json
 import os
 import statistics
@@ -64,8 +65,12 @@ def main(argv=None) -> None:
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--parts', nargs='+', default=['inference', 'train', 'sqrt'],
-                        choices=['inference', 'train', 'sqrt', 'onnx'],
-                        help='which benchmarks to run (onnx: onnxruntime against PyTorch, needs requirements-export.txt)')
+                        choices=['inference', 'train', 'sqrt', 'onnx', 'vits'],
+                        help='which benchmarks to run (onnx: onnxruntime against PyTorch, needs requirements-export.txt; '
+                             'vits: compression on ViT-B/16 and DINOv2-S/14, eager and in onnxruntime)')
+    parser.add_argument('--vit-settings', nargs='+', default=sorted(VIT_SETTINGS), choices=sorted(VIT_SETTINGS),
+                        help='models of the vits part')
+    parser.add_argument('--vit-input-size', type=int, default=224, help='image size of the vits part')
     parser.add_argument('--onnx-settings', nargs='+', default=['small', 'tiny'], choices=sorted(ONNX_SETTINGS),
                         help='deployments of the onnx part: DeiT-S at 224 px, DeiT-Tiny at 112 px')
     parser.add_argument('--onnx-input-size', type=int, default=0, help='image size of the onnx part (0: the setting\'s)')
@@ -94,6 +99,8 @@ def main(argv=None) -> None:
         results.update(benchmark_sqrt(args, device))
     if 'onnx' in args.parts:
         results.update(benchmark_onnx(args))
+    if 'vits' in args.parts:
+        results.update(benchmark_vits(args))
     if args.json:
         atomic_write_text(json.dumps({'device': str(device), 'batch_size': args.batch_size, 'amp': args.amp,
                                       **results}, indent=1), args.json)
@@ -185,7 +192,7 @@ def onnx_nets(setting: str, size: int) -> Tuple[Dict[str, torch.nn.Module], Dict
         variant = 'EAB+FTF' if eab_ftf else 'EAB/FTF off'
         model = timm.create_model(ours, img_size=size, num_classes=1000, eab=eab_ftf, ftf=eab_ftf).eval()
         shape = model.shape()
-        dense = models.Schedule.dense(shape.depth, shape.num_patches)
+        dense = models.Schedule.dense(shape.depth, shape.num_patches, shape.num_prefix)
         compressed = vit_s_2_9_schedule() if (setting, size) == ('small', 224) else \
             models.uniform_schedule(shape, dense.flops(shape) / 2e9, 'merge', 'ratio')
         for name, schedule in (('dense', dense), ('compressed', compressed)):
@@ -255,6 +262,55 @@ def benchmark_onnx(args) -> Dict[str, float]:
                        f'throughput / timm DeiT at {gflops["timm"]:.3f}', 'timm', 'EAB+FTF at DeiT FLOPs')
                 report('onnxruntime over eager', 'onnxruntime over eager PyTorch (compressed EAB+FTF)',
                        'eager compressed EAB+FTF', 'compressed EAB+FTF')
+    return results
+
+
+# The ViTs people start from (random weights: timing only), as `sdt2net_<timm name>` builds them.
+VIT_SETTINGS = {'vit_b16': 'vit_base_patch16_224', 'dinov2_s14': 'vit_small_patch14_reg4_dinov2'}
+
+
+def benchmark_vits(args) -> Dict[str, float]:
+    """Compression on the ViTs of --vit-settings (EAB/FTF off, the same-fraction merge schedule
+    at half the dense FLOPs): the compressed model's speedup over the dense one divided by the
+    FLOPs ratio, eager PyTorch and onnxruntime, the four timed interleaved at every batch of
+    --inference-batches. Without the optional ONNX packages, eager only."""
+    have_onnx = all(importlib.util.find_spec(m) for m in ('onnx', 'onnxruntime', 'onnxscript'))
+    results, size = {}, args.vit_input_size
+    for setting in args.vit_settings:
+        model = timm.create_model(f'sdt2net_{VIT_SETTINGS[setting]}', img_size=size, num_classes=1000, eab=False,
+                                  ftf=False).eval()
+        shape = model.shape()
+        dense = models.Schedule.dense(shape.depth, shape.num_patches, shape.num_prefix)
+        nets = {'dense': model, 'compressed': copy.deepcopy(model)}
+        nets['dense'].fix_schedule(dense)
+        nets['compressed'].fix_schedule(models.uniform_schedule(shape, dense.flops(shape) / 2e9, 'merge', 'ratio'))
+        gflops = {name: float(net.flops()) / 1e9 for name, net in nets.items()}
+        flops_ratio = gflops['dense'] / gflops['compressed']
+        with tempfile.TemporaryDirectory() as folder:
+            runners = {}
+            if have_onnx:
+                from workflow.onnx_export import export_onnx, onnx_runner
+                for name, net in nets.items():
+                    export_onnx(net, os.path.join(folder, f'{name}.onnx'), size, optimize=not args.onnx_no_optimize)
+                    runners[name] = onnx_runner(os.path.join(folder, f'{name}.onnx'), threads=torch.get_num_threads(),
+                                                spin=False)
+            print(f'\n{VIT_SETTINGS[setting]} at {size} px ({shape.num_patches} patches, {shape.num_prefix} prefix '
+                  f'tokens), CPU, {torch.get_num_threads()} threads: dense {gflops["dense"]:.2f} GFLOPs, compressed '
+                  f'{gflops["compressed"]:.2f} (kept after each block {list(nets["compressed"].schedule().merge)})')
+            for batch in args.inference_batches:
+                images = torch.randn(batch, 3, size, size)
+                cases = {f'eager {name}': inference(net, images) for name, net in nets.items()}
+                cases.update({f'onnx {name}': (lambda r=runner: r.run(None, {'images': images.numpy()}))
+                              for name, runner in runners.items()})
+                rounds = measure_rounds(cases, torch.device('cpu'), args.warmup, args.repeats)
+                print(f'batch {batch}: ' + ', '.join(f'{name} {batch / statistics.median(t):.1f} img/s'
+                                                     for name, t in rounds.items()))
+                for runtime in ('eager', 'onnx') if runners else ('eager',):
+                    middle, low, high = (r / flops_ratio for r in paired_ratio(rounds[f'{runtime} dense'],
+                                                                               rounds[f'{runtime} compressed']))
+                    results[f'vits {setting} {runtime} speedup/flops-ratio batch {batch}'] = middle
+                    print(f'  {runtime}: speedup / {flops_ratio:.2f}x fewer FLOPs = {middle:.2f} (quartiles over '
+                          f'rounds {low:.2f}-{high:.2f}; target >= 0.90 at batch 32)')
     return results
 
 

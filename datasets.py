@@ -64,14 +64,24 @@ def check_class_folders(data_path: str, split: str = 'val', train_path: str = ''
 
 
 def build_transform(is_train: bool, args) -> transforms.Compose:
-    """DeiT's transforms: timm RandAugment / random erasing for training, resize + centre crop else."""
+    """DeiT's transforms: timm RandAugment / random erasing for training, resize + centre crop else;
+    normalised with the run's mean and std."""
     if is_train:
         return create_transform(
             input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
             auto_augment=args.aa if args.aa not in ('', 'none') else None,
             interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
-            re_count=args.recount)
-    return eval_transform(args.input_size)
+            re_count=args.recount, mean=input_mean(args), std=input_std(args))
+    return eval_transform(args.input_size, input_mean(args), input_std(args))
+
+
+def input_mean(args) -> Tuple[float, ...]:
+    """The normalisation mean of a run (--mean; runs that did not record one used ImageNet's)."""
+    return tuple(getattr(args, 'mean', None) or IMAGENET_DEFAULT_MEAN)
+
+
+def input_std(args) -> Tuple[float, ...]:
+    return tuple(getattr(args, 'std', None) or IMAGENET_DEFAULT_STD)
 
 
 def eval_transform(input_size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> transforms.Compose:

@@ -24,7 +24,7 @@ from workflow.runs import load_trained_model, write_release
 
 def onnx_command(args) -> int:
     model, run_args = load_trained_model(args.checkpoint)
-    metadata = onnx_metadata(model, run_args.input_size, args.checkpoint)
+    metadata = onnx_metadata(model, run_args, args.checkpoint)
     export_onnx(model, args.out, run_args.input_size, metadata, optimize=not args.no_optimize)
     print(f'wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB, opset {ONNX_OPSET}, dynamic batch)')
     if not args.check:

@@ -63,7 +63,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--no-pin-mem', action='store_false', dest='pin_mem', help='do not pin host memory')
 
     g = p.add_argument_group('model')
-    g.add_argument('--model', default='vit_deit_small_patch16_224', type=str, help='registered SDT2Net name')
+    g.add_argument('--model', default='vit_deit_small_patch16_224', type=str,
+                   help='SDT2Net name: sdt2net_{tiny,small,base}_patch16_224, the official vit_deit_*, or '
+                        'sdt2net_NAME[.TAG] for any timm VisionTransformer NAME (e.g. '
+                        'sdt2net_vit_small_patch14_reg4_dinov2.lvd142m)')
+    g.add_argument('--pretrained-file', default='',
+                   help='with --pretrained: the weights from this local file instead of the hub, read as timm '
+                        'reads them (pretrained_cfg_overlay=dict(file=...)): offline use of any timm ViT')
+    g.add_argument('--mean', type=float, nargs=3, default=None,
+                   help='input normalisation mean (default: what the model\'s pretrained weights expect)')
+    g.add_argument('--std', type=float, nargs=3, default=None, help='input normalisation std (default: as --mean)')
     g.add_argument('--drop', type=float, default=0.0, help='dropout before the classifier')
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
     g.add_argument('--no-eab', action='store_true', help='switch off the efficient attention block')
@@ -184,7 +193,7 @@ NUMERIC_RANGES = {
     'decay_epochs': (0, None), 'warmup_epochs': (0, None), 'cooldown_epochs': (0, None), 'decay_rate': (0, None),
     'color_jitter': (0, None), 'smoothing': (0, 1), 'reprob': (0, 1), 'recount': (1, 64), 'mixup': (0, None),
     'cutmix': (0, None), 'cutmix_minmax': (0, 1), 'mixup_prob': (0, 1), 'mixup_switch_prob': (0, 1),
-    'seed': (0, 2 ** 32 - 1), 'start_epoch': (0, None), 'print_freq': (1, None), 'throughput_batch': (0, None),
+    'seed': (0, 2 ** 32 - 1), 'mean': (-10, 10), 'std': (1e-6, 10), 'start_epoch': (0, None), 'print_freq': (1, None), 'throughput_batch': (0, None),
 }
 UNDERSCORE_FLAGS = ('num_workers', 'target_flops', 'start_epoch')  # spelled with '_' on the command line
 
@@ -196,8 +205,9 @@ def validate_args(args, parser: argparse.ArgumentParser) -> None:
     if args.data_set == 'folder' and not args.data_path:
         parser.error('--data-path is required unless --data-set synthetic')
     if not timm.is_model(args.model) or not args.model.startswith(('sdt2net_', 'vit_deit_')):
-        names = [n for n in timm.list_models() if n.startswith(('sdt2net_', 'vit_deit_'))]
-        raise UserError(f'unknown model {args.model!r}; available: {", ".join(names)}')
+        own = [n for n in timm.list_models(module='sdt2net') if n.startswith(('sdt2net_', 'vit_deit_'))]
+        raise UserError(f'unknown model {args.model!r}; available: {", ".join(own)}, and sdt2net_NAME for any timm '
+                        f'VisionTransformer NAME (python -c "import models, timm; print(timm.list_models(\'sdt2net_*\'))")')
     for dest, (low, high) in NUMERIC_RANGES.items():
         value = getattr(args, dest)
         for item in (value if isinstance(value, list) else [value]):
@@ -207,6 +217,10 @@ def validate_args(args, parser: argparse.ArgumentParser) -> None:
                 flag = '--' + dest if dest in UNDERSCORE_FLAGS else '--' + dest.replace('_', '-')
                 span = f'in [{low}, {high}]' if high is not None else f'at least {low}'
                 parser.error(f'{flag} must be a finite number {span}, got {item}')
+    args.mean, args.std = (list(given or default) for given, default in
+                           zip((args.mean, args.std), models.input_normalization(args.model)))
+    if args.pretrained_file and not args.pretrained:
+        parser.error('--pretrained-file is where --pretrained reads the weights: add --pretrained')
     for name, values, counts in (('--cutmix-minmax', args.cutmix_minmax, (2,)), ('--opt-betas', args.opt_betas, (2,)),
                                  ('--lr-noise', args.lr_noise, (1, 2))):
         if values is not None and len(values) not in counts:

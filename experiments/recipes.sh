@@ -9,7 +9,8 @@ export OMP_NUM_THREADS=1  # two jobs share the 2 cores; default threads oversubs
 # DeiT-Tiny at 112 px; `variant` adds the EAB / FTF switches
 BASE=(--data-path "$DATA" --model sdt2net_tiny_patch16_224 --input-size 112 --batch-size 64 --num_workers 1
       --print-freq 50)
-BACKBONE="$OUT/backbone/checkpoint.pth"
+# the frozen backbone of the searches; BACKBONE=PATH starts from another (experiments/pretrain.sh's)
+BACKBONE=${BACKBONE:-$OUT/backbone/checkpoint.pth}
 # The search: 3 epochs of rate-only steps on the training images without RandAugment, erasing or
 # mixup (the frozen model is judged on images like those it will see); lambda scaled to the model:
 # DiffRate's 5 for DeiT-S at 224 px (4.6 GFLOPs) times (4.6 / 0.285)^2 gives the same pull on a

@@ -6,7 +6,8 @@
 # reached, on val/ (to choose) and test/ (to report). Restartable: a finished stage is skipped.
 # TUNE_BUDGETS="0.185" then fine-tunes, at each of those budgets, the schedule of the recipe TUNE_RECIPE
 # (default anneal) and the geometric one at its FLOPs for EPOCHS epochs (experiments/recipes.sh) with the seeds of TUNE_SEEDS.
-# Usage: [SEED=0] [BACKBONE_EPOCHS=40] [SLOTS=2] [BUDGETS="0.185 0.145"] [RECIPES="diffrate anneal"]
+# BACKBONE=PATH searches on that checkpoint instead of training one (experiments/pretrain.sh's).
+# Usage: [SEED=0] [BACKBONE_EPOCHS=40] [BACKBONE=PATH] [SLOTS=2] [BUDGETS="0.185 0.145"] [RECIPES="diffrate anneal"]
 #        [TUNE_BUDGETS="0.185"] [TUNE_RECIPE=anneal] [TUNE_SEEDS="0 1 2"] experiments/search_study.sh [DATA] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +44,7 @@ recipe() {  # the search flags of a recipe
 }
 
 stage_backbone() {
-  [[ -f "$OUT/backbone/done" ]] && return
+  [[ -f "$OUT/backbone/done" || "$BACKBONE" != "$OUT/backbone/checkpoint.pth" ]] && return  # given or trained
   "$PY" main.py "${MODEL[@]}" --fixed-schedule dense --target_flops 0.286 --epochs "${BACKBONE_EPOCHS:-40}" \
     --lr 2e-3 --warmup-epochs 2 --drop-path 0.1 --mixup 0 --cutmix 0 --smoothing 0.1 --output_dir "$OUT/backbone" \
     --autoresume > "$OUT/backbone.log" 2>&1

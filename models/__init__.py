@@ -5,6 +5,8 @@ from .sqrtm import pade_sqrtm
 from .schedule import Schedule, flops_range, smallest_schedule, uniform_schedule
 from .sdt2net import SDT2Net
 from .tracing import export_numerics
+from .from_timm import from_vit, input_normalization, vit_arguments
 
 __all__ = ['SDT2Net', 'Schedule', 'ModelShape', 'adapt_state_dict', 'unwrap_state_dict', 'analytic_flops',
-           'fvcore_flops', 'export_numerics', 'pade_sqrtm', 'flops_range', 'smallest_schedule', 'uniform_schedule']
+           'fvcore_flops', 'export_numerics', 'pade_sqrtm', 'flops_range', 'smallest_schedule', 'uniform_schedule', 'from_vit',
+           'input_normalization', 'vit_arguments']

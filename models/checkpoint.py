@@ -5,8 +5,6 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-# Entries of DeiT checkpoints that SDT2Net does not have (distilled variants).
-_FOREIGN_PREFIXES = ('dist_token', 'head_dist.')
 
 
 def unwrap_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:
@@ -24,8 +22,9 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
     """Return the network weights of a checkpoint that load into `model` (strict=False for
     missing SDT2Net parts and the rates).
 
-    Removes classifier weights whose class count differs, drops distillation tokens, resamples
-    the position embedding to the model's grid. Raises ValueError when the checkpoint belongs to
+    Removes classifier weights whose class count differs, drops what the model does not have (a
+    distilled DeiT's distillation token and head), resamples the position embedding to the model's
+    grid. Raises ValueError when the checkpoint belongs to
     a different architecture (any other shape mismatch).
     """
     state_dict = unwrap_state_dict(state_dict)
@@ -34,12 +33,13 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
     for key, value in state_dict.items():
         # NOTE rates.* are the schedule search's state, not network weights: loading weights never
         # fixes, releases or moves a schedule (the run decides that; checkpoints store it apart).
-        if key.startswith(_FOREIGN_PREFIXES + ('rates.',)) or key not in target:
+        if key.startswith('rates.') or key not in target:  # e.g. a distilled DeiT's dist_token
             continue
         if key == 'pos_embed' and value.shape != target[key].shape and value.shape[-1] == target[key].shape[-1]:
-            value = resample_abs_pos_embed(value, new_size=model.patch_embed.grid_size, num_prefix_tokens=1)
+            value = resample_abs_pos_embed(value, new_size=model.patch_embed.grid_size,
+                                           num_prefix_tokens=0 if model.no_embed_class else model.num_prefix_tokens)
         if value.shape != target[key].shape:
-            if key.startswith(('head.', 'ftf.fc.')):
+            if key.startswith(('head.', 'head_dist.', 'ftf.fc.')):
                 continue  # another class count: the classifier is trained anew
             mismatched.append(f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[key].shape)}')
             continue

@@ -30,17 +30,18 @@ class CompressionRates(nn.Module):
     state_dict (the weights), checkpoints store it on its own.
     """
 
-    def __init__(self, depth: int, num_patches: int, granularity: int = 4) -> None:
+    def __init__(self, depth: int, num_patches: int, granularity: int = 4, prefix: int = 1) -> None:
         super().__init__()
         if granularity < 1:
             raise ValueError(f'granularity must be >= 1, got {granularity}')
         self.depth = depth
-        self.num_patches = num_patches
+        self.num_patches, self.prefix = num_patches, prefix
         self.num_stages = 2 * (depth - 1)
         candidates = torch.arange(num_patches, 0, -granularity, dtype=torch.float32)  # [K]: N, N-g, ...
         self.register_buffer('candidates', candidates, persistent=False)
-        # keeps_position[j, k] = 1 if sorted position j (0 = class token) survives with candidate k.
-        positions = torch.arange(num_patches + 1, dtype=torch.float32)
+        # keeps_position[j, k] = 1 if sorted position j survives with candidate k. Positions count
+        # the patch tokens from 1: the `prefix` tokens in front sit at 1 - prefix, ..., 0.
+        positions = torch.arange(num_patches + prefix, dtype=torch.float32) - (prefix - 1)
         self.register_buffer('keeps_position', (positions[:, None] <= candidates[None]).float(), persistent=False)
         self.register_buffer('positions', positions, persistent=False)
         # NOTE zeros = uniform distribution, as DiffRate starts its search.
@@ -77,8 +78,8 @@ class CompressionRates(nn.Module):
         so the search can still move them; the centre is found by bisection so that the
         expectation is the count - 0.5, which the straight-through ceil reads as the count.
         Raises ValueError if the schedule does not fit."""
-        schedule.check(self.depth, self.num_patches)
-        wanted = torch.tensor(schedule.stages(), dtype=torch.float64) - 0.5  # [S]
+        schedule.check(self.depth, self.num_patches, self.prefix)
+        wanted = torch.tensor(schedule.stages(self.prefix), dtype=torch.float64) - 0.5  # [S]
         candidates = self.candidates.double()
         step = float(candidates[0] - candidates[1]) if len(candidates) > 1 else 1.0
 
@@ -127,7 +128,7 @@ class CompressionRates(nn.Module):
         return list(self._hard_counts()[1])
 
     def token_masks(self) -> torch.Tensor:
-        """Straight-through keep masks over sorted positions, [S, N + 1] (position 0 = class token).
+        """Straight-through keep masks over sorted positions, [S, N + prefix] (prefix tokens first).
 
         Forward: a stage zeroes the positions it removes itself, (its count, the count before it],
         and leaves 1 everywhere else; the block multiplies its stages' masks into the running mask.
@@ -144,18 +145,18 @@ class CompressionRates(nn.Module):
         """
         counts = self._hard_counts()[0]  # [S], integer-valued, a running minimum
         before = torch.cat([counts.new_full((1,), self.num_patches), counts[:-1]])  # [S]
-        positions = self.positions[None]  # [1, N+1]
-        removed = (positions > counts[:, None]) & (positions <= before[:, None])  # [S, N+1]
+        positions = self.positions[None]  # [1, N + prefix]
+        removed = (positions > counts[:, None]) & (positions <= before[:, None])  # [S, N + prefix]
         hard = (~removed).to(self.logits.dtype)
-        soft = self.logits.softmax(dim=-1) @ self.keeps_position.T.to(self.logits.dtype)  # [S, N+1]
+        soft = self.logits.softmax(dim=-1) @ self.keeps_position.T.to(self.logits.dtype)  # [S, N + prefix]
         constant = (self.fixed >= 0) | (counts >= before)  # [S]: fixed, or removes nothing
         soft = torch.where(constant[:, None], hard, soft)
         return hard + soft - soft.detach()
 
     def fix(self, schedule: Schedule) -> None:
         """Fix the schedule (evaluation, fine-tuning); raises ValueError if it does not fit."""
-        schedule.check(self.depth, self.num_patches)
-        self._fixed_host = list(schedule.stages())
+        schedule.check(self.depth, self.num_patches, self.prefix)
+        self._fixed_host = list(schedule.stages(self.prefix))
         self.fixed.copy_(torch.tensor(self._fixed_host, dtype=torch.long))
 
     def release(self) -> None:
@@ -165,4 +166,4 @@ class CompressionRates(nn.Module):
 
     def schedule(self) -> Schedule:
         """The schedule in force: the fixed one, or the learned one's hard counts."""
-        return Schedule.from_stages(self.hard_stage_patches(), self.num_patches)
+        return Schedule.from_stages(self.hard_stage_patches(), self.num_patches, self.prefix)

@@ -227,7 +227,7 @@ STACK_BYTES = 4 << 20
 
 
 class EfficientAttentionShift(nn.Module):
-    """Refines q and k, [B, N, C] each (class token first, left unchanged), with one SCM shared
+    """Refines q and k, [B, N, C] each (prefix tokens first, left unchanged), with one SCM shared
     by both (the official code's structure) or one each (`shared=False`)."""
 
     def __init__(self, dim: int, exp_ratio: float = 2.0, groups: int = 1, shift: int = 2,
@@ -243,7 +243,7 @@ class EfficientAttentionShift(nn.Module):
         key = ('grid_shift', stacked, scm.shift, scm.groups, dtype)
         shift = state.derived.get(key)
         if shift is None:
-            owner = None if state.owner is None else state.owner - 1  # [B, P], among the patch tokens
+            owner = None if state.owner is None else state.owner - state.prefix  # [B, P], among the patch tokens
             if stacked and owner is not None:
                 owner = owner.repeat(2, 1)  # [2B, P]
             shift = state.derived[key] = GridShift(state.grid_size, owner, num_tokens, scm.shift, scm.groups, dtype)
@@ -251,28 +251,29 @@ class EfficientAttentionShift(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, torch.Tensor]:
         B, N, _ = q.shape
-        scm_q = self.scm
-        stacked_bytes = 2 * B * (N - 1) * scm_q.expand.out_channels * q.element_size()
+        P, scm_q = state.prefix, self.scm
+        stacked_bytes = 2 * B * (N - P) * scm_q.expand.out_channels * q.element_size()
         stacked = self.scm_k is None and stacked_bytes <= STACK_BYTES
-        shift = self._grid_shift(state, N - 1, stacked, q.dtype)
+        shift = self._grid_shift(state, N - P, stacked, q.dtype)
         if stacked:
             qk = torch.cat([q, k])  # [2B, N, C]
             # nothing keeps qk's values for the backward pass, so the residual may go in place
-            qk[:, 1:] += scm_q.delta(qk[:, 1:], shift)
+            qk[:, P:] += scm_q.delta(qk[:, P:], shift)
             return qk[:B], qk[B:]
         scm_k = self.scm_k if self.scm_k is not None else scm_q
-        return (torch.cat([q[:, :1], scm_q(q[:, 1:], shift)], dim=1),
-                torch.cat([k[:, :1], scm_k(k[:, 1:], shift)], dim=1))
+        return (torch.cat([q[:, :P], scm_q(q[:, P:], shift)], dim=1),
+                torch.cat([k[:, :P], scm_k(k[:, P:], shift)], dim=1))
 
     def forward_channels_first(self, qk: torch.Tensor, state: TokenState) -> torch.Tensor:
-        """The exported graphs' form of forward: q and k channels first, [B, C, 2, N] (class token
-        first along N, left unchanged) -> [B, C, 2, N]. A shared SCM refines both in one pass
+        """The exported graphs' form of forward: q and k channels first, [B, C, 2, N] (prefix
+        tokens first along N, left unchanged) -> [B, C, 2, N]. A shared SCM refines both in one pass
         whatever the batch size: half the graph's nodes, and products twice as wide."""
-        patches = qk[..., 1:]  # [B, C, 2, N - 1]
+        P = state.prefix
+        patches = qk[..., P:]  # [B, C, 2, N - P]
         shift = self._grid_shift(state, patches.shape[-1], False, qk.dtype)
         if self.scm_k is None:
             delta = self.scm.delta_channels_first(patches, shift)
         else:
             delta = torch.cat([self.scm.delta_channels_first(patches[:, :, :1], shift),
                                self.scm_k.delta_channels_first(patches[:, :, 1:], shift)], dim=2)
-        return torch.cat([qk[..., :1], patches + delta], dim=-1)
+        return torch.cat([qk[..., :P], patches + delta], dim=-1)

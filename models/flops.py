@@ -29,19 +29,27 @@ class ModelShape:
     eab_ratio: float = 2.0  # the SCM's expansion
     eab_groups: int = 1
     ftf_dim: int = 0        # 0 = FTF off
+    num_prefix: int = 1     # class token, then distillation or register tokens
+    norm_pre: bool = False  # a norm of the embedded tokens before the blocks (CLIP)
+    qk_norm: bool = False   # norms of q and k in attention
+    token_norm: bool = True  # the final norm over every token (DeiT); off with fc_norm / final_norm=False
+    fc_norm: bool = False   # the final norm over the pooled features (average pooling)
+    heads: int = 1          # linear classifiers on the pooled features (2: DeiT's distillation head)
 
 
 def analytic_flops(shape: ModelShape, prune: torch.Tensor, merge: torch.Tensor) -> torch.Tensor:
     """FLOPs of one image.
 
-    prune, merge: [depth - 1] kept counts (class token included) of blocks 1..depth-1, as float
+    prune, merge: [depth - 1] kept counts (prefix tokens included) of blocks 1..depth-1, as float
     tensors; gradients flow through them. Block 0 is dense.
     """
-    C, P = shape.embed_dim, shape.num_patches
+    C, P, prefix = shape.embed_dim, shape.num_patches, shape.num_prefix
     prune, merge = prune.double(), merge.double()
     # new_full fills on the device; new_tensor would copy from the host (a GPU sync per step)
-    dense = prune.new_full((), P + 1)
+    dense = prune.new_full((), P + prefix)
     total = prune.new_full((), P * C * shape.in_chans * shape.patch_size ** 2)  # patch embedding
+    if shape.norm_pre:
+        total = total + 5 * dense * C
     # EAB: two 1x1 convs (C -> hidden -> C) per SCM on the patch tokens present, for q and k
     # (its shifts move memory: no multiply-adds)
     eab_per_token = 4 * C * int(C * shape.eab_ratio) / shape.eab_groups if shape.eab else 0.0
@@ -60,15 +68,21 @@ def analytic_flops(shape: ModelShape, prune: torch.Tensor, merge: torch.Tensor) 
             importance = compresses * n_in * C           # class-token attention row
         total = total + 5 * n_in * C                     # norm1
         total = total + 4 * n_in * C * C                 # qkv + proj
-        total = total + eab_per_token * (n_in - 1)       # shift-conv modules on q and k
+        if shape.qk_norm:
+            total = total + 10 * n_in * C                # q and k norms
+        total = total + eab_per_token * (n_in - prefix)  # shift-conv modules on q and k
         total = total + 2 * n_in * n_in * C              # q @ k^T and attn @ v
-        total = total + importance + (p - m) * (m - 1) * C  # sorting row, similarity to the m - 1 patch tokens
+        total = total + importance + (p - m) * (m - prefix) * C  # sorting row, similarity to the kept patch tokens
         total = total + 5 * after * C + 2 * after * C * shape.mlp_hidden  # norm2 + MLP
         n_in = after
-    total = total + 5 * n_in * C + C * shape.num_classes  # final norm + class-token head
+    if shape.token_norm:
+        total = total + 5 * n_in * C                     # final norm of every token
+    if shape.fc_norm:
+        total = total + 5 * C                            # final norm of the pooled features
+    total = total + shape.heads * C * shape.num_classes  # linear head(s)
     if shape.ftf_dim:
         d = shape.ftf_dim
-        patches = n_in - 1
+        patches = n_in - prefix
         total = total + patches * (C * d + 2 * d + d * d)     # reduction, BN, covariance
         total = total + pade_sqrtm_flops(d) + d * (d + 1) // 2 * shape.num_classes  # Pade root, classifier
     return total

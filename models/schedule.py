@@ -2,7 +2,8 @@
 hand-set schedules (dense, smallest, uniform) computed as pure functions of the model's shape.
 
 Public layout (what users, compression_rate.json and checkpoints see): for every block, the
-number of tokens kept after pruning and after merging, class token included; block 0 keeps all.
+number of tokens kept after pruning and after merging, prefix tokens (class, distillation,
+registers: `prefix` of them, never removed) included; block 0 keeps all.
 Stage layout (what `CompressionRates` learns): patch counts of blocks 1..depth-1 interleaved in
 execution order, prune(1), merge(1), prune(2), ... These two conversions live here only.
 """
@@ -16,7 +17,7 @@ from .flops import ModelShape, analytic_flops
 
 @dataclass(frozen=True)
 class Schedule:
-    """prune[i], merge[i]: tokens (class token included) kept by block i after pruning and after
+    """prune[i], merge[i]: tokens (prefix tokens included) kept by block i after pruning and after
     merging. Tokens pruned are dropped, tokens merged are folded into their most similar kept
     token, so merge[i] tokens leave block i."""
     prune: Tuple[int, ...]
@@ -28,25 +29,25 @@ class Schedule:
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
-    def dense(cls, depth: int, num_patches: int) -> 'Schedule':
-        full = num_patches + 1
+    def dense(cls, depth: int, num_patches: int, prefix: int = 1) -> 'Schedule':
+        full = num_patches + prefix
         return cls((full,) * depth, (full,) * depth)
 
     @classmethod
-    def from_stages(cls, stages: Sequence[int], num_patches: int) -> 'Schedule':
+    def from_stages(cls, stages: Sequence[int], num_patches: int, prefix: int = 1) -> 'Schedule':
         """From patch counts in the stage layout, [2 * (depth - 1)]."""
-        full = num_patches + 1
-        return cls((full,) + tuple(int(c) + 1 for c in stages[0::2]),
-                   (full,) + tuple(int(c) + 1 for c in stages[1::2]))
+        full = num_patches + prefix
+        return cls((full,) + tuple(int(c) + prefix for c in stages[0::2]),
+                   (full,) + tuple(int(c) + prefix for c in stages[1::2]))
 
     # --- views ----------------------------------------------------------------------------------
     @property
     def depth(self) -> int:
         return len(self.prune)
 
-    def stages(self) -> List[int]:
+    def stages(self, prefix: int = 1) -> List[int]:
         """Patch counts in the stage layout: prune(1), merge(1), prune(2), ..."""
-        return [c - 1 for pair in zip(self.prune[1:], self.merge[1:]) for c in pair]
+        return [c - prefix for pair in zip(self.prune[1:], self.merge[1:]) for c in pair]
 
     def flops(self, shape: ModelShape) -> float:
         """FLOPs of one image of a model of `shape` under this schedule."""
@@ -87,18 +88,18 @@ class Schedule:
         return Schedule(prune, merge)
 
     # --- validation -----------------------------------------------------------------------------
-    def check(self, depth: int, num_patches: int) -> None:
+    def check(self, depth: int, num_patches: int, prefix: int = 1) -> None:
         """Raise ValueError naming the first problem: length, block 0 not dense, a count out of
-        [2, num_patches + 1], counts that increase with depth, or merge above prune."""
-        full = num_patches + 1
+        [prefix + 1, num_patches + prefix], counts that increase with depth, or merge above prune."""
+        full = num_patches + prefix
         for name, counts in (('prune', self.prune), ('merge', self.merge)):
             if len(counts) != depth:
                 raise ValueError(f'{name} schedule has {len(counts)} entries, the model has {depth} blocks')
             if counts[0] != full:
                 raise ValueError(f'{name} schedule must keep all {full} tokens in block 0, got {counts[0]}')
-            bad = [c for c in counts if not 2 <= c <= full]
+            bad = [c for c in counts if not prefix + 1 <= c <= full]
             if bad:
-                raise ValueError(f'{name} kept counts must lie in [2, {full}], got {bad}')
+                raise ValueError(f'{name} kept counts must lie in [{prefix + 1}, {full}], got {bad}')
         for block in range(depth):
             if self.merge[block] > self.prune[block]:
                 raise ValueError(f'block {block} merges down to {self.merge[block]} tokens, more than the '
@@ -115,15 +116,15 @@ def smallest_kept_patches(num_patches: int, granularity: int) -> int:
 
 def smallest_schedule(shape: ModelShape, granularity: int) -> Schedule:
     """Every block after the first keeps the smallest candidate count."""
-    kept = smallest_kept_patches(shape.num_patches, granularity) + 1
-    full = shape.num_patches + 1
+    kept = smallest_kept_patches(shape.num_patches, granularity) + shape.num_prefix
+    full = shape.num_patches + shape.num_prefix
     counts = (full,) + (kept,) * (shape.depth - 1)
     return Schedule(counts, counts)
 
 
 def flops_range(shape: ModelShape, granularity: int) -> Tuple[float, float]:
     """(smallest reachable, dense) GFLOPs of a model of `shape`."""
-    dense = Schedule.dense(shape.depth, shape.num_patches).flops(shape)
+    dense = Schedule.dense(shape.depth, shape.num_patches, shape.num_prefix).flops(shape)
     return smallest_schedule(shape, granularity).flops(shape) / 1e9, dense / 1e9
 
 
@@ -139,14 +140,15 @@ def uniform_schedule(shape: ModelShape, target_flops: float, mode: str = 'merge'
         raise ValueError(f'mode must be merge or prune, got {mode!r}')
     if spacing not in ('count', 'ratio'):
         raise ValueError(f'spacing must be count or ratio, got {spacing!r}')
-    full, depth = shape.num_patches + 1, shape.depth
+    full, depth, prefix = shape.num_patches + shape.num_prefix, shape.depth, shape.num_prefix
 
     def schedule(r: float) -> Schedule:
         """r: tokens removed per block (count) or the fraction of patches removed per block (ratio)."""
         if spacing == 'count':
-            after = [full] + [max(2, round(full - r * block)) for block in range(1, depth)]
+            after = [full] + [max(prefix + 1, round(full - r * block)) for block in range(1, depth)]
         else:
-            after = [full] + [max(2, 1 + round(shape.num_patches * (1 - r) ** block)) for block in range(1, depth)]
+            after = [full] + [max(prefix + 1, prefix + round(shape.num_patches * (1 - r) ** block))
+                              for block in range(1, depth)]
         before = after if mode == 'prune' else [full] + after[:-1]
         return Schedule(before, after)
 

@@ -1,15 +1,18 @@
-"""SDT2Net: a DeiT vision transformer with EAB, DTC and FTF, built on timm's VisionTransformer.
+"""SDT2Net: a vision transformer with EAB, DTC and FTF, built on timm's VisionTransformer.
 
+Any configuration of timm's VisionTransformer with a class token works (DeiT, DeiT III, AugReg,
+DINOv2 with registers, CLIP, MAE with average pooling, DeiT distilled): prefix tokens are never
+compressed, the class token's attention ranks the patches, average pooling weighs tokens by size.
 Blocks are injected through `block_fn`; token state (sizes, masks, patch owners) is passed from
 block to block explicitly. `eab`, `ftf` and the compression (a schedule at full keep) can each be
-switched off for ablations.
+switched off for ablations. Building from a timm name or a built timm model: `from_timm.py`.
 """
 from functools import partial
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import Attention, Mlp, PatchEmbed
 from timm.models import build_model_with_cfg, get_pretrained_cfg, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -21,6 +24,28 @@ from .compression_rates import CompressionRates
 from .schedule import Schedule
 from .token_ops import MERGE_RULES, TokenState, compress
 from .tracing import exporting
+
+
+def unsupported_vit(kwargs: Dict) -> str:
+    """What in these VisionTransformer arguments SDT2Net cannot follow ('' if nothing)."""
+    pool = kwargs.get('global_pool', 'token')
+    if not kwargs.get('class_token', True):
+        return 'it has no class token (class_token=False), whose attention ranks the patches'
+    if pool not in SDT2Net.POOLS:
+        return f'global_pool={pool!r}: SDT2Net pools by the class token or a size-weighted average (token, avg)'
+    if kwargs.get('distilled') and pool != 'token':
+        return 'a distilled model pools by its class and distillation tokens (global_pool=token)'
+    if kwargs.get('pool_include_prefix'):
+        return 'pool_include_prefix=True: the average pools the patch tokens only'
+    if kwargs.get('dynamic_img_size') or kwargs.get('dynamic_img_pad'):
+        return 'dynamic_img_size / dynamic_img_pad: the token schedule is set for one patch grid'
+    if kwargs.get('scale_attn_norm') or kwargs.get('scale_mlp_norm'):
+        return 'scale_attn_norm / scale_mlp_norm (not in the FLOPs count)'
+    for name, default in (('block_fn', Block), ('attn_layer', Attention), ('mlp_layer', Mlp),
+                          ('embed_layer', PatchEmbed)):
+        if kwargs.get(name, default) not in (default, 'attention' if name == 'attn_layer' else default):
+            return f'{name}={getattr(kwargs[name], "__name__", kwargs[name])} (SDT2Net builds on timm\'s {default.__name__})'
+    return ''
 
 
 class SDT2NetAttention(Attention):
@@ -35,7 +60,7 @@ class SDT2NetAttention(Attention):
 
     def forward(self, x: torch.Tensor, state: TokenState, eab: Optional[EfficientAttentionShift] = None,
                 need_importance: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """x: [B, N, C] -> (output [B, N, C], class-token attention on patches [B, N - 1] or None)."""
+        """x: [B, N, C] -> (output [B, N, C], class-token attention on patches [B, N - prefix] or None)."""
         B, N, C = x.shape
         H, D = self.num_heads, self.head_dim
         if eab is not None and exporting():
@@ -76,7 +101,7 @@ class SDT2NetAttention(Attention):
             weights = logits.softmax(dim=-1) * keep[:, None]
             attn = weights * weights.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny).reciprocal()
             if need_importance:
-                importance = attn[:, :, 0, 1:].mean(dim=1)
+                importance = attn[:, :, 0, state.prefix:].mean(dim=1)
             out = self.attn_drop(attn) @ v
         else:
             if self.fused_attn and not exporting():
@@ -91,7 +116,7 @@ class SDT2NetAttention(Attention):
                 cls_logits = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
                 if bias is not None:
                     cls_logits = cls_logits + bias
-                importance = cls_logits.softmax(dim=-1)[:, :, 0, 1:].mean(dim=1)
+                importance = cls_logits.softmax(dim=-1)[:, :, 0, state.prefix:].mean(dim=1)
         out = self.norm(out.transpose(1, 2).reshape(B, N, C))
         return self.proj_drop(self.proj(out)), importance
 
@@ -108,7 +133,7 @@ class SDT2NetBlock(Block):
 
     def forward(self, x: torch.Tensor, state: TokenState, kept: Optional[Tuple[int, int]] = None,
                 keep_masks: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, TokenState]:
-        """x: [B, N, C]; kept: (prune, merge) kept counts with class token, None = no compression."""
+        """x: [B, N, C]; kept: (prune, merge) kept counts with prefix tokens, None = no compression."""
         compresses = kept is not None and (keep_masks is not None or min(kept) < state.alive)
         attn_out, importance = self.attn(self.norm1(x), state, self.eab, need_importance=compresses)
         x = x + self.drop_path1(self.ls1(attn_out))
@@ -121,19 +146,24 @@ class SDT2NetBlock(Block):
 class SDT2Net(VisionTransformer):
     """VisionTransformer with learned token pruning/merging, EAB and a second-order head.
 
-    Extra arguments: eab (bool), eab_ratio (SCM expansion, official 2), eab_groups (1, or e.g.
-    num_heads for the cheap grouped variant), eab_shift (patches the SCM shifts by, official 2,
-    ELAN 1), eab_shared (one SCM for q and k, official; False: one each), ftf (bool), ftf_dim
-    (48), granularity (candidate step), merge_rule ('size-weighted', or DiffRate's 'diffrate':
-    see token_ops.merge_into).
+    Takes timm's VisionTransformer arguments (a class token is needed; pooling 'token' or 'avg')
+    and: eab (bool), eab_ratio (SCM expansion, official 2), eab_groups (1, or e.g. num_heads for
+    the cheap grouped variant), eab_shift (patches the SCM shifts by, official 2, ELAN 1),
+    eab_shared (one SCM for q and k, official; False: one each), ftf (bool), ftf_dim (48),
+    granularity (candidate step), merge_rule ('size-weighted', or DiffRate's 'diffrate': see
+    token_ops.merge_into), distilled (DeiT's distillation token and head: logits are the mean of
+    the two heads, as timm's distilled DeiT in evaluation).
     """
+
+    POOLS = ('token', 'avg')
 
     def __init__(self, *, eab: bool = True, eab_ratio: float = 2.0, eab_groups: int = 1, eab_shift: int = 2,
                  eab_shared: bool = True, ftf: bool = True, ftf_dim: int = 48, granularity: int = 4,
-                 merge_rule: str = 'size-weighted', **kwargs) -> None:
+                 merge_rule: str = 'size-weighted', distilled: bool = False, **kwargs) -> None:
         kwargs.setdefault('global_pool', 'token')
-        if kwargs['global_pool'] != 'token' or not kwargs.get('class_token', True) or kwargs.get('reg_tokens', 0):
-            raise ValueError('SDT2Net needs a class token and token pooling (no register tokens)')
+        problem = unsupported_vit(dict(kwargs, distilled=distilled))
+        if problem:
+            raise ValueError(f'SDT2Net cannot be built from this VisionTransformer: {problem}')
         if merge_rule not in MERGE_RULES:
             raise ValueError(f'merge_rule must be one of {MERGE_RULES}, got {merge_rule!r}')
         block_fn = partial(SDT2NetBlock, eab=eab, eab_ratio=eab_ratio, eab_groups=eab_groups,
@@ -142,9 +172,18 @@ class SDT2Net(VisionTransformer):
         self.has_eab, self.eab_ratio = eab, eab_ratio
         self.eab_groups = eab_groups
         num_patches = self.patch_embed.num_patches
-        self.rates = CompressionRates(len(self.blocks), num_patches, granularity)
+        self.dist_token = self.head_dist = None
+        if distilled:  # class token, distillation token, patches (timm's VisionTransformerDistilled)
+            self.num_prefix_tokens += 1
+            self.dist_token = torch.nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+            torch.nn.init.trunc_normal_(self.dist_token, std=.02)
+            embed_len = num_patches + (0 if self.no_embed_class else self.num_prefix_tokens)
+            self.pos_embed = torch.nn.Parameter(torch.zeros(1, embed_len, self.embed_dim))
+            torch.nn.init.trunc_normal_(self.pos_embed, std=.02)
+            self.head_dist = torch.nn.Linear(self.embed_dim, self.num_classes) if self.num_classes else torch.nn.Identity()
+        self.rates = CompressionRates(len(self.blocks), num_patches, granularity, prefix=self.num_prefix_tokens)
         self.ftf = SecondOrderHead(self.embed_dim, self.num_classes, ftf_dim) if ftf else None
-        if self.ftf is not None:  # pre-logits: class token and second-order features side by side
+        if self.ftf is not None:  # pre-logits: pooled features and second-order features side by side
             self.head_hidden_size = self.embed_dim + self.ftf.num_features
         # NOTE the token sizes and masks of the last forward_features, for forward_head: timm's
         # contract passes only the tokens between the two (forward itself passes the state).
@@ -181,7 +220,7 @@ class SDT2Net(VisionTransformer):
         return self.rates.is_fixed
 
     def get_kept_num(self) -> Tuple[List[int], List[int]]:
-        """(prune, merge) kept counts per block, class token included (197 = all at 224 px)."""
+        """(prune, merge) kept counts per block, prefix tokens included (197 = all of DeiT at 224 px)."""
         schedule = self.schedule()
         return list(schedule.prune), list(schedule.merge)
 
@@ -191,18 +230,23 @@ class SDT2Net(VisionTransformer):
         self.fix_schedule(Schedule(prune, merge).running_min())
 
     def shape(self) -> ModelShape:
+        block = self.blocks[0]
         return ModelShape(
-            embed_dim=self.embed_dim, depth=len(self.blocks), num_heads=self.blocks[0].attn.num_heads,
-            mlp_hidden=self.blocks[0].mlp.fc1.out_features, num_patches=self.patch_embed.num_patches,
+            embed_dim=self.embed_dim, depth=len(self.blocks), num_heads=block.attn.num_heads,
+            mlp_hidden=block.mlp.fc1.out_features, num_patches=self.patch_embed.num_patches,
             patch_size=self.patch_embed.patch_size[0], in_chans=self.in_chans, num_classes=self.num_classes,
-            eab=self.has_eab, eab_ratio=self.eab_ratio, eab_groups=self.eab_groups, ftf_dim=self.ftf.dim if self.ftf else 0)
+            eab=self.has_eab, eab_ratio=self.eab_ratio, eab_groups=self.eab_groups, ftf_dim=self.ftf.dim if self.ftf else 0,
+            num_prefix=self.num_prefix_tokens, norm_pre=not isinstance(self.norm_pre, torch.nn.Identity),
+            qk_norm=not isinstance(block.attn.q_norm, torch.nn.Identity),
+            token_norm=not isinstance(self.norm, torch.nn.Identity),
+            fc_norm=not isinstance(self.fc_norm, torch.nn.Identity), heads=2 if self.dist_token is not None else 1)
 
     def flops(self) -> torch.Tensor:
         """FLOPs of one image under the current schedule (fvcore convention).
 
         In training mode the count is differentiable with respect to the rate parameters.
         """
-        stages = self.rates.stage_patches() + 1  # [2 * (depth - 1)], class token included
+        stages = self.rates.stage_patches() + self.num_prefix_tokens  # [2 * (depth - 1)], prefix included
         if not self.training:
             stages = stages.detach()
         return analytic_flops(self.shape(), stages[0::2], stages[1::2])
@@ -211,15 +255,15 @@ class SDT2Net(VisionTransformer):
     def forward_tokens(self, x: torch.Tensor, return_owners: bool = False) -> Tuple[torch.Tensor, TokenState, List[torch.Tensor]]:
         """Images [B, 3, H, W] -> (normed tokens [B, N, C], final state, per-block patch owners)."""
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        state = TokenState(alive=x.shape[1], grid_size=tuple(self.patch_embed.grid_size),
+        state = TokenState(alive=x.shape[1], grid_size=tuple(self.patch_embed.grid_size), prefix=self.num_prefix_tokens,
                            track_owner=return_owners or self.has_eab)
         stages = self.rates.hard_stage_patches()  # kept patch counts, one host sync at most
-        masks = self.rates.token_masks() if self.training else None  # [S, N + 1]
+        masks = self.rates.token_masks() if self.training else None  # [S, N]
         owners = []
         for i, block in enumerate(self.blocks):
             kept = keep_masks = None
             if i > 0:
-                kept = (stages[2 * i - 2] + 1, stages[2 * i - 1] + 1)
+                kept = (stages[2 * i - 2] + state.prefix, stages[2 * i - 1] + state.prefix)
                 if masks is not None:
                     keep_masks = (masks[2 * i - 2], masks[2 * i - 1])
             x, state = block(x, state, kept, keep_masks)
@@ -231,19 +275,52 @@ class SDT2Net(VisionTransformer):
         tokens, self._last_state, _ = self.forward_tokens(x)
         return tokens
 
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings [B, P, C] -> tokens [B, N, C]: timm's, or with a distillation token
+        second (class, distillation, patches; as timm's VisionTransformerDistilled)."""
+        if self.dist_token is None:
+            return super()._pos_embed(x)
+        prefix = torch.cat([self.cls_token, self.dist_token], dim=1).expand(x.shape[0], -1, -1)  # [B, 2, C]
+        if self.no_embed_class:
+            return self.pos_drop(torch.cat([prefix, x + self.pos_embed], dim=1))
+        return self.pos_drop(torch.cat([prefix, x], dim=1) + self.pos_embed)
+
+    def _pool(self, tokens: torch.Tensor, state: Optional[TokenState]) -> torch.Tensor:
+        """tokens: [B, N, C] -> pooled features [B, C], before fc_norm: the class token, or the
+        average of the patch tokens weighted by the patches each stands for (masked tokens weigh
+        0; at full keep timm's mean)."""
+        if self.global_pool == 'token':
+            return tokens[:, 0]
+        weight = self._patch_sizes(tokens, state)[0]  # [B, N - prefix, 1]
+        if state is not None and state.mask is not None:
+            weight = weight * state.mask[:, self.num_prefix_tokens:, None].to(weight.dtype)
+        patches = tokens[:, self.num_prefix_tokens:]
+        return (patches * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=torch.finfo(weight.dtype).tiny)
+
+    def _patch_sizes(self, tokens: torch.Tensor, state: Optional[TokenState]):
+        """(sizes [B, N - prefix, 1], mask [B, N - prefix] or None) of the patch tokens; without a
+        state every token stands for one patch and none is masked."""
+        prefix = self.num_prefix_tokens
+        size = state.sizes(tokens) if state is not None else tokens.new_ones(*tokens.shape[:2], 1)
+        mask = state.mask[:, prefix:] if state is not None and state.mask is not None else None
+        return size[:, prefix:], mask
+
     def _head(self, tokens: torch.Tensor, state: Optional[TokenState], pre_logits: bool) -> torch.Tensor:
         """tokens: [B, N, C] -> logits [B, num_classes], or pre-logits [B, head_hidden_size]
         when asked for or when the model has no classifier (num_classes=0)."""
-        pooled = super().forward_head(tokens, pre_logits=True)  # [B, C], class token
+        if self.dist_token is not None:  # as timm's distilled DeiT in evaluation: the mean of two heads
+            pooled = (tokens[:, 0] + tokens[:, 1]) / 2  # [B, C]
+            logits = (self.head(tokens[:, 0]) + self.head_dist(tokens[:, 1])) / 2
+        else:
+            pooled = self.head_drop(self.fc_norm(self._pool(tokens, state)))  # [B, C]
+            logits = self.head(pooled)
         if self.ftf is None:
-            return pooled if pre_logits else self.head(pooled)
-        # without a state every token stands for one patch and none is masked
-        size = (state.sizes(tokens) if state is not None else tokens.new_ones(*tokens.shape[:2], 1))[:, 1:]
-        mask = state.mask[:, 1:] if state is not None and state.mask is not None else None
+            return pooled if pre_logits or self.num_classes == 0 else logits
+        size, mask = self._patch_sizes(tokens, state)
+        patches = tokens[:, self.num_prefix_tokens:]
         if pre_logits or self.num_classes == 0:
-            second = self.ftf.features(tokens[:, 1:], size, mask)
-            return torch.cat([pooled, second.to(pooled.dtype)], dim=-1)
-        return self.head(pooled) + self.ftf(tokens[:, 1:], size, mask).to(pooled.dtype)
+            return torch.cat([pooled, self.ftf.features(patches, size, mask).to(pooled.dtype)], dim=-1)
+        return logits + self.ftf(patches, size, mask).to(pooled.dtype)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """x: forward_features' tokens [B, N, C]; their sizes and masks come from that call."""
@@ -264,7 +341,11 @@ class SDT2Net(VisionTransformer):
             'form a patch grid; use forward_tokens(x, return_owners=True) for the tokens and their patches')
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None and global_pool not in self.POOLS or (global_pool == 'avg' and self.dist_token is not None):
+            raise ValueError(f'SDT2Net pools by {" or ".join(self.POOLS)} (distilled: token), not {global_pool!r}')
         super().reset_classifier(num_classes, global_pool)
+        if self.dist_token is not None:
+            self.head_dist = torch.nn.Linear(self.embed_dim, num_classes) if num_classes else torch.nn.Identity()
         if self.ftf is not None:
             self.ftf.reset_classifier(num_classes)
 

@@ -21,16 +21,19 @@ from .tracing import exporting, tracing
 class TokenState:
     """What travels with the tokens through the blocks (B batch, N tokens, P patches).
 
-    alive: number of leading tokens still alive (class token included); equals N in evaluation.
+    alive: number of leading tokens still alive (prefix tokens included); equals N in evaluation.
+    prefix: the tokens in front of the patches (class token first, then distillation or register
+           tokens), never pruned or merged.
     size:  [B, N, 1] number of patches each token stands for; None while all are 1.
     mask:  [B, N] straight-through keep mask (training only); None when every token is alive.
     owner: [B, P] index of the token each patch belongs to, N meaning "pruned"; None while the
-           identity (patch p -> token p + 1). Only tracked when `track_owner`.
+           identity (patch p -> token p + prefix). Only tracked when `track_owner`.
     derived: what blocks derive from the owners (the EAB's shift lists), kept for the blocks that
            follow until the next compression, which starts an empty one.
     """
     alive: int
     grid_size: Tuple[int, int]
+    prefix: int = 1
     size: Optional[torch.Tensor] = None
     mask: Optional[torch.Tensor] = None
     owner: Optional[torch.Tensor] = None
@@ -46,7 +49,7 @@ class TokenState:
         if self.owner is not None:
             return self.owner
         num_patches = self.grid_size[0] * self.grid_size[1]
-        return torch.arange(1, num_patches + 1, device=device).expand(batch, -1)
+        return torch.arange(self.prefix, num_patches + self.prefix, device=device).expand(batch, -1)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -70,40 +73,39 @@ def _batch_rows(index: torch.Tensor, rows_per_image: int) -> torch.Tensor:
     return (index + offsets[:, None]).flatten()
 
 
-def sort_by_importance(importance: torch.Tensor, alive: int) -> torch.Tensor:
-    """Order of tokens: class token, alive patch tokens by importance (descending), the rest.
+def sort_by_importance(importance: torch.Tensor, alive: int, prefix: int = 1) -> torch.Tensor:
+    """Order of tokens: the prefix tokens, alive patch tokens by importance (descending), the rest.
 
-    importance: [B, N - 1] class-token attention on patch tokens (in [0, 1]).
+    importance: [B, N - prefix] class-token attention on patch tokens (in [0, 1]).
     Returns order: [B, N], order[b, t] = old index of the token moved to position t.
     """
-    n_patches = importance.shape[1]
-    # the class token scores +inf, tokens that are no longer alive -inf: a stable sort keeps them
-    # in place after the alive ones. NOTE a NaN score would sort before the class token (weights
-    # gone non-finite): it scores -inf, so the order stays a valid layout and the NaN reaches the
-    # loss, where training stops.
-    scores = F.pad(torch.nan_to_num(importance[:, :alive - 1], nan=-math.inf), (1, 0), value=math.inf)
-    if alive <= n_patches:
-        scores = F.pad(scores, (0, n_patches + 1 - alive), value=-math.inf)
+    n_tokens = importance.shape[1] + prefix
+    # prefix tokens score +inf, tokens that are no longer alive -inf: a stable sort keeps both in
+    # place. NOTE a NaN score would sort before the prefix (weights gone non-finite): it scores
+    # -inf, so the order stays a valid layout and the NaN reaches the loss, where training stops.
+    scores = F.pad(torch.nan_to_num(importance[:, :alive - prefix], nan=-math.inf), (prefix, 0), value=math.inf)
+    if alive < n_tokens:
+        scores = F.pad(scores, (0, n_tokens - alive), value=-math.inf)
     if tracing():
         # NOTE ONNX has no sort; its TopK breaks ties by the lower index, as the stable sort does.
-        return torch.topk(scores, n_patches + 1, dim=1).indices
+        return torch.topk(scores, n_tokens, dim=1).indices
     return torch.sort(scores, dim=1, descending=True, stable=True).indices
 
 
 MERGE_RULES = ('size-weighted', 'diffrate')
 
 
-def match_merge_targets(x: torch.Tensor, kept: int, end: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """For tokens kept..end-1, the most similar (cosine) token among 1..kept-1.
+def match_merge_targets(x: torch.Tensor, kept: int, end: int, prefix: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For tokens kept..end-1, the most similar (cosine) token among prefix..kept-1.
 
-    x: [B, N, C] sorted tokens. Returns dst: [B, end - kept] indices in [1, kept), and the
-    cosine similarity to it, [B, end - kept]. The class token is never a destination.
+    x: [B, N, C] sorted tokens. Returns dst: [B, end - kept] indices in [prefix, kept), and the
+    cosine similarity to it, [B, end - kept]. A prefix token is never a destination.
     """
     with torch.no_grad():
-        metric = F.normalize(x[:, 1:end].float(), dim=-1)
-        similarity = metric[:, kept - 1:] @ metric[:, :kept - 1].transpose(1, 2)  # [B, end-kept, kept-1]
+        metric = F.normalize(x[:, prefix:end].float(), dim=-1)
+        similarity = metric[:, kept - prefix:] @ metric[:, :kept - prefix].transpose(1, 2)  # [B, end-kept, kept-prefix]
         best, index = similarity.max(dim=-1)
-        return index + 1, best
+        return index + prefix, best
 
 
 def merge_into(x: torch.Tensor, size: torch.Tensor, dst: torch.Tensor, kept: int, end: int,
@@ -147,9 +149,9 @@ def compress(x: torch.Tensor, state: TokenState, importance: torch.Tensor,
              merge_rule: str = 'size-weighted') -> Tuple[torch.Tensor, TokenState]:
     """Sort by importance, prune to `prune_kept` tokens, then merge down to `merge_kept`.
 
-    x: [B, N, C]; importance: [B, N - 1]; kept counts include the class token.
-    keep_masks: training only, the (prune, merge) straight-through masks over positions, [N + 1]
-    each (position 0 = class token); without it tokens are removed.
+    x: [B, N, C]; importance: [B, N - prefix]; kept counts include the prefix tokens.
+    keep_masks: training only, the (prune, merge) straight-through masks over positions, [N]
+    each (prefix tokens first); without it tokens are removed.
     merge_rule: see `merge_into`.
     """
     B, N = x.shape[:2]
@@ -158,14 +160,14 @@ def compress(x: torch.Tensor, state: TokenState, importance: torch.Tensor,
     merge_kept = min(merge_kept, prune_kept)
     if not training and merge_rule == 'size-weighted' and exporting():
         return compress_for_export(x, state, importance, prune_kept, merge_kept)
-    order = sort_by_importance(importance, state.alive)  # [B, N]
+    order = sort_by_importance(importance, state.alive, state.prefix)  # [B, N]
     kept_order = order if training else order[:, :prune_kept]  # evaluation drops the pruned ones here
     x = gather_rows(x, kept_order)
     size = gather_rows(state.size, kept_order) if state.size is not None else x.new_ones(B, x.shape[1], 1)
 
     dst = None
     if merge_kept < prune_kept:
-        dst, similarity = match_merge_targets(x, merge_kept, prune_kept)
+        dst, similarity = match_merge_targets(x, merge_kept, prune_kept, state.prefix)
         merged, merged_size, source_size = merge_into(x, size, dst, merge_kept, prune_kept, merge_rule, similarity,
                                                       training)
         if training:  # merged-away and pruned tokens stay in place, masked
@@ -193,7 +195,7 @@ def compress_for_export(x: torch.Tensor, state: TokenState, importance: torch.Te
     same tokens, sizes and owners from a third fewer graph nodes, which onnxruntime pays for one by
     one whatever the batch (docs/benchmark.md, "Fewer nodes per compression").
 
-    x: [B, N, C] (every token alive); importance: [B, N - 1]; kept counts include the class token.
+    x: [B, N, C] (every token alive); importance: [B, N - prefix]; kept counts include the prefix.
     Differences from the general path, none of which changes the result for finite inputs: while
     tracing only the kept patches are ranked (TopK of prune_kept - 1, ties to the lower index as
     the stable sort, without the NaN guard of training); tokens picked by indexing (GatherND) instead
@@ -202,10 +204,12 @@ def compress_for_export(x: torch.Tensor, state: TokenState, importance: torch.Te
     merging is a product with the [B, M, S] one-hot assignment instead of two scatters.
     """
     B, N, C = x.shape
-    if tracing():  # [B, prune_kept] old token indices, class token first
-        order = F.pad(importance.topk(prune_kept - 1, dim=1).indices + 1, (1, 0))
+    prefix = state.prefix
+    if tracing():  # [B, prune_kept] old token indices, prefix tokens first
+        kept_patches = importance.topk(prune_kept - prefix, dim=1).indices + prefix
+        order = torch.cat([torch.arange(prefix, device=x.device).expand(B, -1), kept_patches], dim=1)
     else:  # eager export_numerics(): eager topk does not promise the lower index on ties
-        order = sort_by_importance(importance, N)[:, :prune_kept]
+        order = sort_by_importance(importance, N, prefix)[:, :prune_kept]
     # NOTE indexing exports as GatherND of whole rows; gather(1, order.expand(..., C)) would write
     # and read an index as large as x (3x slower in onnxruntime at DeiT-S's width)
     images = torch.arange(B, device=x.device)[:, None]  # [B, 1]
@@ -214,10 +218,10 @@ def compress_for_export(x: torch.Tensor, state: TokenState, importance: torch.Te
     dst = None
     if merge_kept < prune_kept:
         with torch.no_grad():
-            destinations = x[:, 1:merge_kept].float()
-            destinations = destinations / destinations.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # [B, M - 1, C]
-            similarity = x[:, merge_kept:].float() @ destinations.transpose(1, 2)  # [B, S, M - 1]
-            dst = similarity.argmax(dim=-1) + 1  # [B, S], position among the kept tokens (never 0)
+            destinations = x[:, prefix:merge_kept].float()
+            destinations = destinations / destinations.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # [B, M - prefix, C]
+            similarity = x[:, merge_kept:].float() @ destinations.transpose(1, 2)  # [B, S, M - prefix]
+            dst = similarity.argmax(dim=-1) + prefix  # [B, S], position among the kept tokens (never a prefix)
             # assign[b, m, s] = 1 where source s merges into kept token m, [B, M, S]
             assign = (torch.arange(merge_kept, device=x.device)[:, None] == dst[:, None, :]).to(x.dtype)
         kept_size, source_size = size[:, :merge_kept], size[:, merge_kept:]

@@ -55,3 +55,17 @@ def test_ratios_pair_the_two_cases_round_by_round():
     slowed = [3.0, 1.0, 1.0, 3.0, 1.0]  # rounds 1 and 4 ran 3x slower for both cases
     assert paired_ratio([2 * s for s in slowed], slowed) == (2.0, 2.0, 2.0)
     assert paired_ratio([3.0], [2.0]) == (1.5, 1.5, 1.5)
+
+
+def test_vits_part_reports_compression_on_the_vits_people_start_from(tmp_path):
+    report = tmp_path / 'bench.json'
+    subprocess.run([sys.executable, 'benchmark.py', '--parts', 'vits', '--vit-input-size', '56', '--onnx-no-optimize',
+                    '--inference-batches', '2', '--repeats', '1', '--warmup', '0', '--json', str(report)],
+                   cwd=ROOT, check=True, capture_output=True)
+    results = json.loads(report.read_text())
+    runtimes = ('eager', 'onnx') if all(importlib.util.find_spec(m) for m in ('onnx', 'onnxruntime', 'onnxscript')) \
+        else ('eager',)
+    for setting in ('vit_b16', 'dinov2_s14'):
+        for runtime in runtimes:
+            value = results[f'vits {setting} {runtime} speedup/flops-ratio batch 2']
+            assert math.isfinite(value) and value > 0

@@ -77,9 +77,9 @@ def test_import_models_registers_the_timm_names_from_the_root():
 
 
 def test_the_readme_python_snippets_run_as_written(tmp_path, capsys):
-    """Each ```python block of the README runs with OUT/ a run folder made here (the snippet's
-    settings: 45 classes, 112 px, EAB and FTF off), and the model built with timm alone computes
-    what load_trained_model's does."""
+    """Each ```python block of the README runs; OUT/ is a run folder made here (the snippet's
+    settings: 45 classes, 112 px, EAB and FTF off), and the model built from it with timm alone
+    computes what load_trained_model's does."""
     out = tmp_path / 'run'
     assert entry.run([str(a) for a in [
         '--data-set', 'synthetic', '--synthetic-classes', '45', '--synthetic-train-size', '8',
@@ -94,7 +94,7 @@ def test_the_readme_python_snippets_run_as_written(tmp_path, capsys):
     for snippet in snippets:
         namespace = {}
         exec(compile(snippet.replace('OUT/', f'{out}/'), 'README.md', 'exec'), namespace)
-        if 'model' in namespace:
+        if 'OUT/' in snippet:  # the snippets that load the run: the timm-built model is load_trained_model's
             model = namespace['model'].eval()
             assert model.schedule() == reference.schedule() and model.schedule().prune[-1] < 50
             with torch.no_grad():

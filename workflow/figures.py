@@ -123,7 +123,7 @@ def token_groups_figure(model, images: torch.Tensor, titles: List[str], depths: 
             cell_h, cell_w = rgb.shape[0] // grid_h, rgb.shape[1] // grid_w
             tile = np.kron(tile, np.ones((cell_h, cell_w, 1)))
             axes[row, col].imshow(0.45 * rgb[:tile.shape[0], :tile.shape[1]] + 0.55 * tile)
-            axes[row, col].set_title(f'after block {block}: {pruned - 1} patch tokens', fontsize=7)
+            axes[row, col].set_title(f'after block {block}: {pruned - model.num_prefix_tokens} patch tokens', fontsize=7)
     for ax in axes.flat:
         ax.axis('off')
     return fig

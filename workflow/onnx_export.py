@@ -6,9 +6,9 @@ import os
 from typing import Dict, Iterable, Optional
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import models
+from datasets import input_mean, input_std
 from utils import UserError, atomic_write
 
 
@@ -90,16 +90,17 @@ def compare_with_onnxruntime(model: models.SDT2Net, onnx_path: str, images: Iter
             'max_abs_diff_eager': max(eager_diff), 'top1_agreement': sum(agree) / len(agree)}
 
 
-def onnx_metadata(model: models.SDT2Net, input_size: int, source: str) -> Dict[str, str]:
-    """What a deployed graph carries besides its weights: class names, preprocessing, schedule."""
+def onnx_metadata(model: models.SDT2Net, run_args, source: str) -> Dict[str, str]:
+    """What a deployed graph carries besides its weights: class names, preprocessing (the run's
+    input size, mean and std), schedule."""
     schedule = model.schedule()
     return {
         'class_names': json.dumps(model.class_names),
-        'input_size': str(input_size),
+        'input_size': str(run_args.input_size),
         'preprocessing': 'RGB, resize shorter side to input_size / 0.875 (bicubic), centre crop, '
                          'scale to [0, 1], normalise with mean/std',
-        'mean': json.dumps(list(IMAGENET_DEFAULT_MEAN)),  # data.build_transform's
-        'std': json.dumps(list(IMAGENET_DEFAULT_STD)),
+        'mean': json.dumps(list(input_mean(run_args))),  # datasets.build_transform's
+        'std': json.dumps(list(input_std(run_args))),
         'schedule': json.dumps({'prune': list(schedule.prune), 'merge': list(schedule.merge)}),
         'gflops': f'{float(model.flops()) / 1e9:.4f}',
         'source': os.path.abspath(source),

@@ -26,7 +26,7 @@ def resolve_schedule(args, model: models.SDT2Net, resumed: Optional[Dict[str, An
         schedule = load_schedule(args.compression_rate_file, args.model, args.target_flops)
         origin = f'{args.compression_rate_file} at {args.target_flops} GFLOPs'
     elif args.fixed_schedule == 'dense':
-        schedule, origin = Schedule.dense(shape.depth, shape.num_patches), 'dense (every token kept)'
+        schedule, origin = Schedule.dense(shape.depth, shape.num_patches, shape.num_prefix), 'dense (every token kept)'
     elif args.fixed_schedule:  # uniform[-prune] (same count per block) or geometric[-prune] (same fraction)
         mode = 'prune' if args.fixed_schedule.endswith('-prune') else 'merge'
         spacing = 'ratio' if args.fixed_schedule.startswith('geometric') else 'count'
@@ -52,7 +52,7 @@ def resolve_schedule(args, model: models.SDT2Net, resumed: Optional[Dict[str, An
     elif args.schedule_variant == 'merge-only':
         schedule, origin = schedule.merge_only(), origin + ', merge-only variant'
     try:
-        schedule.check(shape.depth, shape.num_patches)
+        schedule.check(shape.depth, shape.num_patches, shape.num_prefix)
     except ValueError as error:
         raise UserError(f'schedule ({origin}) does not fit the model: {error}') from None
     return schedule, origin

@@ -47,14 +47,15 @@ def create_model(args, num_classes: int) -> models.SDT2Net:
     try:
         return timm.create_model(
             args.model, pretrained=args.pretrained, num_classes=num_classes, img_size=args.input_size,
+            **({'pretrained_cfg_overlay': dict(file=args.pretrained_file)} if getattr(args, 'pretrained_file', '') else {}),
             drop_rate=args.drop, drop_path_rate=args.drop_path, eab=not args.no_eab, ftf=not args.no_ftf,
             eab_ratio=args.eab_ratio, eab_groups=args.eab_groups, eab_shift=args.eab_shift,
             eab_shared=not args.eab_separate, granularity=args.granularity, merge_rule=args.merge_rule)
     except (OSError, RuntimeError) as error:  # hub download failures surface as these
         if not args.pretrained:
             raise UserError(f'cannot build {args.model} with these flags: {error_line(error)}') from None
-        raise UserError(f'could not fetch the pretrained DeiT weights ({error_line(error)}); '
-                        f'offline, pass a local checkpoint with --finetune PATH') from None
+        raise UserError(f'could not load the pretrained weights of {args.model} ({error_line(error)}); '
+                        f'offline, pass a local file with --pretrained-file PATH or --finetune PATH') from None
     except (ValueError, TypeError, AssertionError) as error:  # e.g. --eab-groups that does not divide the width
         raise UserError(f'cannot build {args.model} with these flags: {error_line(error)}') from None
 
