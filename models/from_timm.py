@@ -18,10 +18,10 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerScale, PatchDropout
+from timm.layers import Attention, LayerScale, Mlp, PatchDropout, PatchEmbed
 from timm.models import register_model
 from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from .sdt2net import SDT2Net
@@ -47,6 +47,11 @@ def vit_arguments(vit: VisionTransformer) -> Dict[str, Any]:
     if type(vit) not in (VisionTransformer, VisionTransformerDistilled):
         raise ValueError(f'{type(vit).__name__} is not timm\'s VisionTransformer (or its distilled DeiT)')
     block = vit.blocks[0]
+    parts = (('block', block, Block), ('attention', block.attn, Attention), ('MLP', block.mlp, Mlp),
+              ('patch embedding', vit.patch_embed, PatchEmbed))
+    for what, module, expected in parts:
+        if type(module) is not expected:
+            raise ValueError(f'its {what} is {type(module).__name__}; SDT2Net builds on timm\'s {expected.__name__}')
     if isinstance(vit.patch_drop, PatchDropout):
         raise ValueError('patch dropout (patch_drop_rate > 0) drops patches that the token schedule counts')
     drop_path = getattr(vit.blocks[-1].drop_path1, 'drop_prob', 0.0)  # the last block's is the rate

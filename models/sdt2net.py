@@ -26,6 +26,11 @@ from .token_ops import MERGE_RULES, TokenState, compress
 from .tracing import exporting
 
 
+# The layers SDT2Net subclasses or counts: a ViT built with others is refused.
+_TIMM_LAYERS = {'block_fn': (Block,), 'attn_layer': (Attention, 'attention'), 'mlp_layer': (Mlp,),
+                'embed_layer': (PatchEmbed,)}
+
+
 def unsupported_vit(kwargs: Dict) -> str:
     """What in these VisionTransformer arguments SDT2Net cannot follow ('' if nothing)."""
     pool = kwargs.get('global_pool', 'token')
@@ -41,10 +46,11 @@ def unsupported_vit(kwargs: Dict) -> str:
         return 'dynamic_img_size / dynamic_img_pad: the token schedule is set for one patch grid'
     if kwargs.get('scale_attn_norm') or kwargs.get('scale_mlp_norm'):
         return 'scale_attn_norm / scale_mlp_norm (not in the FLOPs count)'
-    for name, default in (('block_fn', Block), ('attn_layer', Attention), ('mlp_layer', Mlp),
-                          ('embed_layer', PatchEmbed)):
-        if kwargs.get(name, default) not in (default, 'attention' if name == 'attn_layer' else default):
-            return f'{name}={getattr(kwargs[name], "__name__", kwargs[name])} (SDT2Net builds on timm\'s {default.__name__})'
+    if kwargs.get('patch_drop_rate'):
+        return 'patch_drop_rate > 0: patch dropout removes patches that the token schedule counts'
+    for name, allowed in _TIMM_LAYERS.items():
+        if name in kwargs and kwargs[name] not in allowed:
+            return f'{name}={getattr(kwargs[name], "__name__", kwargs[name])} (SDT2Net builds on timm\'s {allowed[0].__name__})'
     return ''
 
 
@@ -166,6 +172,7 @@ class SDT2Net(VisionTransformer):
             raise ValueError(f'SDT2Net cannot be built from this VisionTransformer: {problem}')
         if merge_rule not in MERGE_RULES:
             raise ValueError(f'merge_rule must be one of {MERGE_RULES}, got {merge_rule!r}')
+        kwargs.pop('block_fn', None)  # timm's Block (checked above), which SDT2NetBlock extends
         block_fn = partial(SDT2NetBlock, eab=eab, eab_ratio=eab_ratio, eab_groups=eab_groups,
                            eab_shift=eab_shift, eab_shared=eab_shared, merge_rule=merge_rule)
         super().__init__(block_fn=block_fn, **kwargs)

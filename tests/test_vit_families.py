@@ -7,7 +7,7 @@ import re
 import pytest
 import timm
 import torch
-from timm.layers import LayerScale
+from timm.layers import LayerScale, SwiGLU
 
 import export
 import main as entry
@@ -136,6 +136,16 @@ def test_a_vit_without_a_class_token_is_refused_in_one_line(capsys):
     err = capsys.readouterr().err
     assert code != 0 and 'Traceback' not in err
     assert len(err.strip().splitlines()) == 1 and 'no class token' in err
+
+
+@pytest.mark.parametrize('arguments,words', [
+    (dict(mlp_layer=SwiGLU), 'SwiGLU'), (dict(patch_drop_rate=0.1), 'patch'),
+    (dict(global_pool='map'), 'map'), (dict(global_pool='max'), 'max'), (dict(dynamic_img_size=True), 'dynamic')])
+def test_what_sdt2net_cannot_follow_is_refused_by_name_and_by_conversion(arguments, words):
+    with pytest.raises(ValueError, match=words):
+        timm.create_model('sdt2net_vit_small_patch16_224', **SMALL, img_size=64, **arguments)
+    with pytest.raises(ValueError, match=words):
+        models.from_vit(timm.create_model('vit_small_patch16_224', **SMALL, img_size=64, **arguments))
 
 
 def test_average_pooling_weighs_merged_tokens_by_size():
