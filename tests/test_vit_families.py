@@ -231,6 +231,11 @@ def test_pretrained_weights_load_offline_from_a_file_as_in_timm(tmp_path, capsys
                              **SMALL, **extra, eab=False, ftf=False)
     body = {k: v for k, v in vit.state_dict().items() if not k.startswith('head.')}  # DINOv2's cfg: no classifier
     assert all(torch.equal(ours.state_dict()[k], v) for k, v in body.items())
+    # checkpoint_path: an SDT2Net checkpoint of this architecture, loaded after building, as in timm
+    torch.save({'state_dict': ours.state_dict()}, tmp_path / 'sdt2net.pth')
+    again = timm.create_model(f'sdt2net_{name}', checkpoint_path=str(tmp_path / 'sdt2net.pth'), **SMALL, **extra,
+                              eab=False, ftf=False)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in ours.state_dict().items())
     # main.py: --pretrained --pretrained-file (the full-width DINOv2-S/14 main.py builds)
     full = timm.create_model(name, img_size=56, num_classes=0)
     torch.save(full.state_dict(), tmp_path / 'full.pth')
