@@ -5,14 +5,15 @@
 # BUDGET GFLOPs with that row's own FLOPs (EAB's and FTF's cost included, so a row with EAB keeps
 # fewer tokens), then EPOCHS epochs of fine-tuning under the schedule found with three seeds (the
 # recipes of experiments/recipes.sh), top-1 on test/. Restartable: a finished stage is skipped.
-# Usage: [SLOTS=2] [EPOCHS=5] [BUDGET=0.185] experiments/ablation.sh [DATA] [OUT]
+# BACKBONE=PATH starts from another backbone (experiments/pretrain.sh's tuned/model_best.pth).
+# Usage: [SLOTS=2] [EPOCHS=5] [BUDGET=0.185] [BACKBONE=PATH] experiments/ablation.sh [DATA] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/recipes.sh "$@"
 BUDGET=${BUDGET:-0.185}
 ROWS=(deit eab ftf both)
-if [[ ! -f "$OUT/backbone/done" ]]; then
-  echo "error: no trained backbone in $OUT/backbone: run experiments/offtheshelf.sh first" >&2
+if [[ ! -f "$BACKBONE" || ( "$BACKBONE" == "$OUT/backbone/checkpoint.pth" && ! -f "$OUT/backbone/done" ) ]]; then
+  echo "error: no backbone at $BACKBONE: run experiments/offtheshelf.sh first, or set BACKBONE=PATH" >&2
   exit 2
 fi
 mkdir -p "$OUT/ablation"
