@@ -131,7 +131,9 @@ def figure(outs, path: str) -> None:
     diffs.axvline(0, color='black', linewidth=1)
     diffs.set_yticks(range(len(labels)), labels, fontsize=7)
     diffs.invert_yaxis()
-    diffs.set_xlim(-5, 3)  # 8 points; the 95% intervals are about +-0.8
+    # at least 8 points wide (the 95% intervals are about +-0.8), and every interval inside
+    lowest = min([-5.0] + [low - 0.5 for _, low, _ in points])
+    diffs.set_xlim(lowest, max([3.0] + [high + 0.5 for _, _, high in points]))
     diffs.set_xlabel('learned minus geometric at equal FLOPs, test (points, 95% CI)')
     for ax in (shapes, diffs):
         ax.grid(alpha=0.3)
