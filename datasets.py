@@ -49,12 +49,11 @@ def train_dir(args) -> str:
     return getattr(args, 'train_path', '') or os.path.join(args.data_path, 'train')
 
 
-def check_class_folders(data_path: str, split: str = 'val', train_path: str = '') -> List[str]:
-    """The class names; the training folder (train_path, default DATA/train) and the evaluation
-    split must hold the same classes."""
+def check_class_folders(data_path: str, split: str, train_path: str) -> List[str]:
+    """The class names; the training folder (`train_dir`) and the evaluation split must hold the
+    same classes."""
     if not os.path.isdir(data_path):
         raise UserError(f'--data-path {data_path} is not a folder')
-    train_path = train_path or os.path.join(data_path, 'train')
     train, other = list_classes(train_path), list_classes(os.path.join(data_path, split))
     if train != other:
         only_train, only_other = sorted(set(train) - set(other)), sorted(set(other) - set(train))
@@ -66,22 +65,20 @@ def check_class_folders(data_path: str, split: str = 'val', train_path: str = ''
 def build_transform(is_train: bool, args) -> transforms.Compose:
     """DeiT's transforms: timm RandAugment / random erasing for training, resize + centre crop else;
     normalised with the run's mean and std."""
+    mean, std = normalization(args)
     if is_train:
         return create_transform(
             input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
             auto_augment=args.aa if args.aa not in ('', 'none') else None,
             interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
-            re_count=args.recount, mean=input_mean(args), std=input_std(args))
-    return eval_transform(args.input_size, input_mean(args), input_std(args))
+            re_count=args.recount, mean=mean, std=std)
+    return eval_transform(args.input_size, mean, std)
 
 
-def input_mean(args) -> Tuple[float, ...]:
-    """The normalisation mean of a run (--mean; runs that did not record one used ImageNet's)."""
-    return tuple(getattr(args, 'mean', None) or IMAGENET_DEFAULT_MEAN)
-
-
-def input_std(args) -> Tuple[float, ...]:
-    return tuple(getattr(args, 'std', None) or IMAGENET_DEFAULT_STD)
+def normalization(args) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(mean, std) of a run (--mean/--std; runs that did not record them used ImageNet's)."""
+    return (tuple(getattr(args, 'mean', None) or IMAGENET_DEFAULT_MEAN),
+            tuple(getattr(args, 'std', None) or IMAGENET_DEFAULT_STD))
 
 
 def eval_transform(input_size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> transforms.Compose:

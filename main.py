@@ -193,7 +193,8 @@ NUMERIC_RANGES = {
     'decay_epochs': (0, None), 'warmup_epochs': (0, None), 'cooldown_epochs': (0, None), 'decay_rate': (0, None),
     'color_jitter': (0, None), 'smoothing': (0, 1), 'reprob': (0, 1), 'recount': (1, 64), 'mixup': (0, None),
     'cutmix': (0, None), 'cutmix_minmax': (0, 1), 'mixup_prob': (0, 1), 'mixup_switch_prob': (0, 1),
-    'seed': (0, 2 ** 32 - 1), 'mean': (-10, 10), 'std': (1e-6, 10), 'start_epoch': (0, None), 'print_freq': (1, None), 'throughput_batch': (0, None),
+    'seed': (0, 2 ** 32 - 1), 'mean': (-10, 10), 'std': (1e-6, 10), 'start_epoch': (0, None),
+    'print_freq': (1, None), 'throughput_batch': (0, None),
 }
 UNDERSCORE_FLAGS = ('num_workers', 'target_flops', 'start_epoch')  # spelled with '_' on the command line
 

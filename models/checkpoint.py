@@ -6,7 +6,6 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 
-
 def unwrap_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:
     """The model weights of a checkpoint dict ('model'/'state_dict' wrappers, 'module.' prefixes)."""
     for key in ('model', 'state_dict', 'model_ema'):
@@ -24,8 +23,8 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
 
     Removes classifier weights whose class count differs, drops what the model does not have (a
     distilled DeiT's distillation token and head), resamples the position embedding to the model's
-    grid. Raises ValueError when the checkpoint belongs to
-    a different architecture (any other shape mismatch).
+    grid. Raises ValueError when the checkpoint belongs to a different architecture (any other
+    shape mismatch).
     """
     state_dict = unwrap_state_dict(state_dict)
     target = model.state_dict()

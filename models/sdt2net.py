@@ -298,9 +298,9 @@ class SDT2Net(VisionTransformer):
         0; at full keep timm's mean)."""
         if self.global_pool == 'token':
             return tokens[:, 0]
-        weight = self._patch_sizes(tokens, state)[0]  # [B, N - prefix, 1]
-        if state is not None and state.mask is not None:
-            weight = weight * state.mask[:, self.num_prefix_tokens:, None].to(weight.dtype)
+        weight, mask = self._patch_sizes(tokens, state)  # [B, N - prefix, 1], [B, N - prefix] or None
+        if mask is not None:
+            weight = weight * mask[..., None].to(weight.dtype)
         patches = tokens[:, self.num_prefix_tokens:]
         return (patches * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=torch.finfo(weight.dtype).tiny)
 
@@ -315,17 +315,18 @@ class SDT2Net(VisionTransformer):
     def _head(self, tokens: torch.Tensor, state: Optional[TokenState], pre_logits: bool) -> torch.Tensor:
         """tokens: [B, N, C] -> logits [B, num_classes], or pre-logits [B, head_hidden_size]
         when asked for or when the model has no classifier (num_classes=0)."""
+        features_only = pre_logits or self.num_classes == 0
         if self.dist_token is not None:  # as timm's distilled DeiT in evaluation: the mean of two heads
             pooled = (tokens[:, 0] + tokens[:, 1]) / 2  # [B, C]
-            logits = (self.head(tokens[:, 0]) + self.head_dist(tokens[:, 1])) / 2
+            logits = None if features_only else (self.head(tokens[:, 0]) + self.head_dist(tokens[:, 1])) / 2
         else:
             pooled = self.head_drop(self.fc_norm(self._pool(tokens, state)))  # [B, C]
-            logits = self.head(pooled)
+            logits = None if features_only else self.head(pooled)
         if self.ftf is None:
-            return pooled if pre_logits or self.num_classes == 0 else logits
+            return pooled if features_only else logits
         size, mask = self._patch_sizes(tokens, state)
         patches = tokens[:, self.num_prefix_tokens:]
-        if pre_logits or self.num_classes == 0:
+        if features_only:
             return torch.cat([pooled, self.ftf.features(patches, size, mask).to(pooled.dtype)], dim=-1)
         return logits + self.ftf(patches, size, mask).to(pooled.dtype)
 

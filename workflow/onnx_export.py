@@ -8,7 +8,7 @@ from typing import Dict, Iterable, Optional
 import torch
 
 import models
-from datasets import input_mean, input_std
+from datasets import normalization
 from utils import UserError, atomic_write
 
 
@@ -94,13 +94,14 @@ def onnx_metadata(model: models.SDT2Net, run_args, source: str) -> Dict[str, str
     """What a deployed graph carries besides its weights: class names, preprocessing (the run's
     input size, mean and std), schedule."""
     schedule = model.schedule()
+    mean, std = normalization(run_args)
     return {
         'class_names': json.dumps(model.class_names),
         'input_size': str(run_args.input_size),
         'preprocessing': 'RGB, resize shorter side to input_size / 0.875 (bicubic), centre crop, '
                          'scale to [0, 1], normalise with mean/std',
-        'mean': json.dumps(list(input_mean(run_args))),  # datasets.build_transform's
-        'std': json.dumps(list(input_std(run_args))),
+        'mean': json.dumps(list(mean)),  # datasets.build_transform's
+        'std': json.dumps(list(std)),
         'schedule': json.dumps({'prune': list(schedule.prune), 'merge': list(schedule.merge)}),
         'gflops': f'{float(model.flops()) / 1e9:.4f}',
         'source': os.path.abspath(source),
