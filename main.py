@@ -133,6 +133,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--clip-grad', type=float, default=None, help='gradient norm clipping (off by default)')
     g.add_argument('--sched', default='cosine', type=str, help='timm learning-rate schedule')
     g.add_argument('--lr', type=float, default=5e-4, help='learning rate for a total batch of 512 (scaled)')
+    g.add_argument('--added-lr-scale', type=float, default=1.0,
+                   help='learning rate of the EAB and FTF parameters relative to --lr (they start at zero in a '
+                        'fine-tuned backbone; 1: one learning rate for all, as the official code)')
     g.add_argument('--lr-noise', type=float, nargs='+', default=None, help='learning-rate noise epochs')
     g.add_argument('--warmup-lr', type=float, default=1e-6, help='warm-up learning rate')
     g.add_argument('--min-lr', type=float, default=1e-5, help='final learning rate')
@@ -189,7 +192,7 @@ NUMERIC_RANGES = {
     'target_flops': (0, None), 'search_start_flops': (0, None), 'anneal_epochs': (0, None), 'flops_lambda': (0, None),
     'granularity': (1, None), 'arch_lr': (0, None), 'arch_min_lr': (0, None), 'batch_size': (1, None),
     'epochs': (1, None), 'opt_eps': (0, None), 'opt_betas': (0, 1), 'momentum': (0, 1), 'weight_decay': (0, None),
-    'clip_grad': (0, None), 'lr': (0, None), 'lr_noise': (0, None), 'warmup_lr': (0, None), 'min_lr': (0, None),
+    'clip_grad': (0, None), 'lr': (0, None), 'added_lr_scale': (0, 1000), 'lr_noise': (0, None), 'warmup_lr': (0, None), 'min_lr': (0, None),
     'decay_epochs': (0, None), 'warmup_epochs': (0, None), 'cooldown_epochs': (0, None), 'decay_rate': (0, None),
     'color_jitter': (0, None), 'smoothing': (0, 1), 'reprob': (0, 1), 'recount': (1, 64), 'mixup': (0, None),
     'cutmix': (0, None), 'cutmix_minmax': (0, 1), 'mixup_prob': (0, 1), 'mixup_switch_prob': (0, 1),
@@ -245,16 +248,21 @@ def make_precision(device: torch.device, args) -> Precision:
     return Precision(device.type, dtype, torch.amp.GradScaler('cuda') if dtype == torch.float16 else None)
 
 
-def weight_param_groups(model: models.SDT2Net, weight_decay: float):
-    """No weight decay for norms, biases, position embedding and class token (as DeiT)."""
+def weight_param_groups(model: models.SDT2Net, weight_decay: float, lr: float, added_lr_scale: float = 1.0):
+    """No weight decay for norms, biases, position embedding and class token (as DeiT); the
+    parameters SDT2Net adds to the ViT (EAB, FTF) at lr * added_lr_scale, the others at lr."""
     arch = {id(p) for p in model.arch_parameters()}
+    added = {id(p) for p in model.added_parameters()}
     skip = model.no_weight_decay()
-    decay, no_decay = [], []
+    groups = {}  # (added, decays) -> parameters
     for name, param in model.named_parameters():
         if id(param) in arch or not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
-    return [{'params': no_decay, 'weight_decay': 0.0}, {'params': decay, 'weight_decay': weight_decay}]
+        key = (id(param) in added and added_lr_scale != 1.0, not (param.ndim <= 1 or name in skip))
+        groups.setdefault(key, []).append(param)
+    return [{'params': params, 'weight_decay': weight_decay if decays else 0.0,
+             'lr': lr * added_lr_scale if scaled else lr}
+            for (scaled, decays), params in sorted(groups.items())]
 
 
 def set_trainable(model: models.SDT2Net, search_mode: str) -> None:
@@ -271,7 +279,7 @@ def build_optimizers(model: models.SDT2Net, args, search_mode: str):
     if search_mode != 'arch':
         lr = args.lr * args.batch_size * get_world_size() / 512.0
         optimizers['weights'] = create_optimizer_v2(
-            weight_param_groups(model, args.weight_decay), opt=args.opt, lr=lr, weight_decay=args.weight_decay,
+            weight_param_groups(model, args.weight_decay, lr, args.added_lr_scale), opt=args.opt, lr=lr, weight_decay=args.weight_decay,
             momentum=args.momentum, eps=args.opt_eps, **({'betas': args.opt_betas} if args.opt_betas else {}))
         schedulers['weights'], _ = create_scheduler_v2(
             optimizers['weights'], sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,

@@ -1,8 +1,9 @@
-"""Table and figure of experiments/ablation.sh: per row (DeiT + DTC, + EAB, + FTF, + EAB + FTF) the
+"""Tables and figure of experiments/ablation.sh: per row (DeiT + DTC, + EAB, + FTF, + EAB + FTF) the
 searched schedule's GFLOPs and tokens, parameters, CPU throughput measured side by side, top-1 on
-test/ per seed with mean +- sd, and the paired difference to DeiT + DTC.
+test/ per seed with mean +- sd, and the paired difference to DeiT + DTC; per model with EAB, how far
+fine-tuning moved its EABs from zero and what they add (the model minus its EAB knockout).
 
-    python -m experiments.ablation_report [OUT] [--figures figures] [--throughput]
+    python -m experiments.ablation_report [OUT] [--figure figures/ablation.png] [--throughput]
 """
 import json
 import os
@@ -12,8 +13,9 @@ import matplotlib
 import torch
 
 from utils import ArgumentParser, error_boundary
-from workflow.runs import load_trained_model, seed_runs
-from workflow.stats import summarise
+from experiments.eab_knockout import eab_last_conv_rms
+from workflow.runs import load_checkpoint, load_trained_model, model_state, seed_runs
+from workflow.stats import compare_files, summarise
 from workflow.timing import inference, measure
 
 matplotlib.use('Agg')
@@ -51,6 +53,26 @@ def table(folder: str, speeds) -> str:
                      f'{speed} | {" / ".join(f"{a:.2f}" for a in row["top1"])} | {row["mean"]:.2f} +- '
                      f'{row["sd"]:.2f} | {diff} |')
     return '\n'.join(lines)
+
+
+def eab_moved(folder: str) -> str:
+    """Per model with EAB: the RMS of its EABs' last convolutions (zero before fine-tuning; mean and
+    range over blocks) and its top-1 minus the same model's with those convolutions at zero."""
+    lines = ['| row | seed | EAB last-conv RMS, mean (min-max over blocks) | top-1 (%) | EABs at zero | '
+             'minus EABs at zero [95% CI], McNemar p |', '|---|---|---|---|---|---|']
+    for name, label in ROWS:
+        for seed in range(3):
+            run = os.path.join(folder, f'{name}_seed{seed}')
+            knocked = os.path.join(run, 'eval_no_eab', 'predictions.csv')
+            if not os.path.isfile(knocked):
+                continue
+            path = os.path.join(run, 'checkpoint.pth')
+            rms = list(eab_last_conv_rms(model_state(load_checkpoint(path), path)).values())
+            c = compare_files(os.path.join(run, 'eval', 'predictions.csv'), knocked)
+            lines.append(f'| {label} | {seed} | {sum(rms) / len(rms):.1e} ({min(rms):.1e}-{max(rms):.1e}) | '
+                         f'{c["acc_a"]:.2f} | {c["acc_b"]:.2f} | {c["difference"]:+.2f} [{c["ci_low"]:+.2f}, '
+                         f'{c["ci_high"]:+.2f}], {c["mcnemar_p"]:.2g} |')
+    return '\n'.join(lines) if len(lines) > 2 else ''
 
 
 def schedules(folder: str) -> str:
@@ -100,7 +122,7 @@ def plot(folder: str, path: str) -> None:
 def main(argv=None) -> int:
     parser = ArgumentParser(prog='ablation_report.py', description=__doc__.splitlines()[0])
     parser.add_argument('out', nargs='?', default='output/offtheshelf', help='OUT of experiments/ablation.sh')
-    parser.add_argument('--figures', default='figures', help='where the figure goes')
+    parser.add_argument('--figure', default='figures/ablation.png', help='where the figure goes')
     parser.add_argument('--throughput', action='store_true', help='also measure each row (needs a quiet machine)')
     args = parser.parse_args(argv)
     folder = os.path.join(args.out, 'ablation')
@@ -108,8 +130,11 @@ def main(argv=None) -> int:
     speeds = throughput(folder, names) if args.throughput and names else {}
     print(table(folder, speeds))
     print('\n' + schedules(folder))
-    os.makedirs(args.figures, exist_ok=True)
-    plot(folder, os.path.join(args.figures, 'ablation.png'))
+    moved = eab_moved(folder)
+    if moved:
+        print('\n' + moved)
+    os.makedirs(os.path.dirname(args.figure) or '.', exist_ok=True)
+    plot(folder, args.figure)
     return 0
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 import main as entry
 import utils
 import visualize
-from conftest import REFERENCE_SCHEDULES, ROOT
+from conftest import REFERENCE_SCHEDULES, ROOT, small_sdt2net
 from launch import free_port
 from models import Schedule
 from workflow.schedule_file import load_schedule
@@ -411,3 +411,29 @@ def test_the_shipped_schedules_are_the_default_file_and_fit_their_model():
             schedule = load_schedule(DEFAULT_FILE, name, float(target))
             schedule.check(12, model.patch_embed.num_patches)
             assert abs(schedule.flops(model.shape()) / 1e9 - entry['gflops']) < 1e-3
+
+
+@pytest.mark.parametrize('scale', [1.0, 10.0])
+def test_added_lr_scale_moves_eab_and_ftf_that_much_faster(scale):
+    # AdamW's first step moves every weight by about lr (g / |g|), so the largest move of each
+    # parameter is its group's learning rate: EAB and FTF at scale * lr, the ViT's own at lr.
+    model = small_sdt2net()
+    args = entry.get_args_parser().parse_args(['--data-set', 'synthetic', '--added-lr-scale', str(scale),
+                                               '--lr', '0.01', '--batch-size', '512', '--weight-decay', '0',
+                                               '--warmup-epochs', '0'])
+    entry.set_trainable(model, 'weights')
+    optimizers, _ = entry.build_optimizers(model, args, 'weights')
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model(torch.randn(2, 3, 64, 64)).logsumexp(-1).sum().backward()
+    optimizers['weights'].step()
+    added = {id(p) for p in model.added_parameters()}
+    moves = {'added': [], 'vit': []}
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.grad is not None and p.grad.abs().max() > 1e-6:
+            moves['added' if id(p) in added else 'vit'].append((p.detach() - before[name]).abs().max().item())
+    assert moves['added'] and moves['vit']
+    assert max(moves['vit']) == pytest.approx(0.01, rel=1e-3)
+    assert min(moves['added']) == pytest.approx(0.01 * scale, rel=1e-3)
+    assert max(moves['added']) == pytest.approx(0.01 * scale, rel=1e-3)
+    names = {name for name, p in model.named_parameters() if id(p) in added}
+    assert names and all('.eab.' in name or name.startswith('ftf.') for name in names)
