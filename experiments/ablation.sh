@@ -11,12 +11,12 @@
 # to BUDGET over 2 epochs (unset: DiffRate's uniform start); ADDED_LR_SCALE=S fine-tunes EAB and FTF,
 # which start at zero, at S times the learning rate of the backbone's weights (main.py --added-lr-scale).
 # Usage: [SLOTS=2] [EPOCHS=5] [BUDGET=0.185] [BACKBONE=PATH] [START_FLOPS=F] [ADDED_LR_SCALE=1]
-#        experiments/ablation.sh [DATA] [OUT]
+#        [ROWS="deit eab ftf both"] experiments/ablation.sh [DATA] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/recipes.sh "$@"
 BUDGET=${BUDGET:-0.185}
-ROWS=(deit eab ftf both)
+read -r -a ROWS <<< "${ROWS:-deit eab ftf both}"  # a subset reruns some rows (e.g. at another ADDED_LR_SCALE)
 START=()
 [[ -n "${START_FLOPS:-}" ]] && START=(--search-start geometric --search-start-flops "$START_FLOPS" --anneal-epochs 2)
 if [[ ! -f "$BACKBONE" || ( "$BACKBONE" == "$OUT/backbone/checkpoint.pth" && ! -f "$OUT/backbone/done" ) ]]; then
@@ -58,6 +58,10 @@ knockout() {  # folder, variant: the fine-tuned model with its EABs back at zero
   rm "$dir/no_eab.pth"
 }
 JOBS=()
-for seed in 0 1 2; do for row in eab both; do JOBS+=("knockout $OUT/ablation/${row}_seed$seed $row"); done; done
+for seed in 0 1 2; do
+  for row in "${ROWS[@]}"; do
+    if [[ $row == eab || $row == both ]]; then JOBS+=("knockout $OUT/ablation/${row}_seed$seed $row"); fi
+  done
+done
 run_pool "$OUT/ablation/locks" "${JOBS[@]}"
 echo "done: $OUT/ablation"
