@@ -3,7 +3,7 @@
 # off-the-shelf comparison (with the dense-start and the 15-epoch searches), the fine-tuning,
 # SDT2Net's ablation, the search study on two backbones and on the pretrained backbone. Each stage
 # is restartable (a finished run is skipped), so an interrupted run continues where it stopped.
-# About 9.5 hours on the 2-core CPU box (two jobs side by side, one thread each).
+# About 11.5 hours on the 2-core CPU box (two jobs side by side, one thread each).
 # Usage: experiments/reproduce.sh [DATA] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,8 +29,26 @@ SEED=0 BACKBONE_EPOCHS=40 BUDGETS=0.145 RECIPES=anneal_lr5 TUNE_BUDGETS=0.145 TU
 # the pretrained backbone (pool, then train/) and the search study on it, with the fine-tuning of
 # the schedule chosen on val/ (about 2.5 hours more)
 TUNE="0.145:anneal_lr5" experiments/pretrained_study.sh "$DATA" output/pretrained_study output/pretrained
+# the learned schedule's search again with seeds 1 and 2 (about 15 min each)
+PRETRAINED=$(realpath output/pretrained/tuned/model_best.pth)
+for seed in 1 2; do
+  SEED=$seed BACKBONE=$PRETRAINED BUDGETS=0.145 RECIPES=anneal_lr5 experiments/search_study.sh "$DATA" \
+    "output/pretrained_study_s$seed"
+done
+# SDT2Net's ablation on it, EAB and FTF at 10x the learning rate (70 min), then the + EAB row at the
+# official single learning rate, sharing the searches and the DTC row (30 min)
+BACKBONE=$PRETRAINED START_FLOPS=0.185 ADDED_LR_SCALE=10 experiments/ablation.sh "$DATA" output/pretrained_study
+mkdir -p output/pretrained_study_lr1/ablation
+for run in search_deit search_eab deit_seed0 deit_seed1 deit_seed2; do
+  ln -sfn "../../pretrained_study/ablation/$run" "output/pretrained_study_lr1/ablation/$run"
+done
+BACKBONE=$PRETRAINED START_FLOPS=0.185 ADDED_LR_SCALE=1 ROWS="deit eab" experiments/ablation.sh "$DATA" \
+  output/pretrained_study_lr1
 PY=${PY:-.venv/bin/python}
 "$PY" -m experiments.offtheshelf_report "$OUT" --write-schedules
 "$PY" -m experiments.ablation_report "$OUT" --throughput
 "$PY" -m experiments.search_study_report output/s0 output/s1 --write-schedules
 "$PY" -m experiments.search_study_report output/pretrained_study --figure figures/search_study_pretrained.png
+"$PY" -m experiments.search_study_report output/pretrained_study_s1 output/pretrained_study_s2 --figure output/search_study_pretrained_seeds.png
+"$PY" -m experiments.ablation_report output/pretrained_study --figure figures/ablation_pretrained.png
+"$PY" -m experiments.ablation_report output/pretrained_study_lr1 --figure output/ablation_pretrained_lr1.png
