@@ -192,7 +192,8 @@ NUMERIC_RANGES = {
     'target_flops': (0, None), 'search_start_flops': (0, None), 'anneal_epochs': (0, None), 'flops_lambda': (0, None),
     'granularity': (1, None), 'arch_lr': (0, None), 'arch_min_lr': (0, None), 'batch_size': (1, None),
     'epochs': (1, None), 'opt_eps': (0, None), 'opt_betas': (0, 1), 'momentum': (0, 1), 'weight_decay': (0, None),
-    'clip_grad': (0, None), 'lr': (0, None), 'added_lr_scale': (0, 1000), 'lr_noise': (0, None), 'warmup_lr': (0, None), 'min_lr': (0, None),
+    'clip_grad': (0, None), 'lr': (0, None), 'added_lr_scale': (0, 1000), 'lr_noise': (0, None),
+    'warmup_lr': (0, None), 'min_lr': (0, None),
     'decay_epochs': (0, None), 'warmup_epochs': (0, None), 'cooldown_epochs': (0, None), 'decay_rate': (0, None),
     'color_jitter': (0, None), 'smoothing': (0, 1), 'reprob': (0, 1), 'recount': (1, 64), 'mixup': (0, None),
     'cutmix': (0, None), 'cutmix_minmax': (0, 1), 'mixup_prob': (0, 1), 'mixup_switch_prob': (0, 1),
@@ -279,8 +280,8 @@ def build_optimizers(model: models.SDT2Net, args, search_mode: str):
     if search_mode != 'arch':
         lr = args.lr * args.batch_size * get_world_size() / 512.0
         optimizers['weights'] = create_optimizer_v2(
-            weight_param_groups(model, args.weight_decay, lr, args.added_lr_scale), opt=args.opt, lr=lr, weight_decay=args.weight_decay,
-            momentum=args.momentum, eps=args.opt_eps, **({'betas': args.opt_betas} if args.opt_betas else {}))
+            weight_param_groups(model, args.weight_decay, lr, args.added_lr_scale), opt=args.opt, lr=lr,
+            weight_decay=args.weight_decay, momentum=args.momentum, eps=args.opt_eps, **({'betas': args.opt_betas} if args.opt_betas else {}))
         schedulers['weights'], _ = create_scheduler_v2(
             optimizers['weights'], sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
             cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,
