@@ -281,7 +281,8 @@ def build_optimizers(model: models.SDT2Net, args, search_mode: str):
         lr = args.lr * args.batch_size * get_world_size() / 512.0
         optimizers['weights'] = create_optimizer_v2(
             weight_param_groups(model, args.weight_decay, lr, args.added_lr_scale), opt=args.opt, lr=lr,
-            weight_decay=args.weight_decay, momentum=args.momentum, eps=args.opt_eps, **({'betas': args.opt_betas} if args.opt_betas else {}))
+            weight_decay=args.weight_decay, momentum=args.momentum, eps=args.opt_eps,
+            **({'betas': args.opt_betas} if args.opt_betas else {}))
         schedulers['weights'], _ = create_scheduler_v2(
             optimizers['weights'], sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
             cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,

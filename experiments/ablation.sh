@@ -49,12 +49,10 @@ done
 run_pool "$OUT/ablation/locks" "${JOBS[@]}"
 
 knockout() {  # folder, variant: the fine-tuned model with its EABs back at zero (the identity) on test/
-  local dir=$1 model
-  read -r -a model <<< "$(variant "$2")"
+  local dir=$1
   [[ -f "$dir/eval_no_eab/eval_metrics.json" ]] && return
   "$PY" -m experiments.eab_knockout "$dir/checkpoint.pth" "$dir/no_eab.pth" > "$dir.no_eab.log" 2>&1
-  "$PY" main.py "${BASE[@]}" "${model[@]}" --eval --eval-split test --resume "$dir/no_eab.pth" --throughput-batch 0 \
-    --output_dir "$dir/eval_no_eab" >> "$dir.no_eab.log" 2>&1
+  test_eval "$dir/no_eab.pth" "$dir/eval_no_eab" "$dir.no_eab.log" "$2"
   rm "$dir/no_eab.pth"
 }
 JOBS=()

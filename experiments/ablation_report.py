@@ -60,8 +60,9 @@ def eab_moved(folder: str) -> str:
     range over blocks) and its top-1 minus the same model's with those convolutions at zero."""
     lines = ['| row | seed | EAB last-conv RMS, mean (min-max over blocks) | top-1 (%) | EABs at zero | '
              'minus EABs at zero [95% CI], McNemar p |', '|---|---|---|---|---|---|']
+    runs = seed_runs(folder)
     for name, label in ROWS:
-        for seed in range(3):
+        for seed in sorted(runs.get(name, {})):
             run = os.path.join(folder, f'{name}_seed{seed}')
             knocked = os.path.join(run, 'eval_no_eab', 'predictions.csv')
             if not os.path.isfile(knocked):

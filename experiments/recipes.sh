@@ -27,16 +27,22 @@ variant() {  # the flags of a model variant: deit (EAB and FTF off), eab, ftf, b
     *) echo "unknown variant $1" >&2; return 1 ;; esac
 }
 
+test_eval() {  # checkpoint, output folder, log, variant: top-1 on test/ (skipped once done)
+  local model
+  read -r -a model <<< "$(variant "$4")"
+  [[ -f "$2/eval_metrics.json" ]] || "$PY" main.py "${BASE[@]}" "${model[@]}" --eval --eval-split test \
+    --resume "$1" --throughput-batch 0 --output_dir "$2" >> "$3" 2>&1
+}
+
 tune_and_test() {  # folder, seed, variant, flags...: fine-tune, then evaluate the last checkpoint on test/
-  local dir=$1 seed=$2 model; shift 2
-  read -r -a model <<< "$(variant "$1")"; shift
+  local dir=$1 seed=$2 row=$3 model; shift 3
+  read -r -a model <<< "$(variant "$row")"
   if [[ ! -f "$dir/done" ]]; then
     "$PY" main.py "${BASE[@]}" "${model[@]}" "${TUNE[@]}" --seed "$seed" --output_dir "$dir" --autoresume "$@" \
       > "$dir.log" 2>&1
     touch "$dir/done"
   fi
-  [[ -f "$dir/eval/eval_metrics.json" ]] || "$PY" main.py "${BASE[@]}" "${model[@]}" --eval --eval-split test \
-    --resume "$dir/checkpoint.pth" --throughput-batch 0 --output_dir "$dir/eval" > "$dir.eval.log" 2>&1
+  test_eval "$dir/checkpoint.pth" "$dir/eval" "$dir.eval.log" "$row"
 }
 
 run_pool() {  # lock folder, job command lines...: SLOTS workers (default 2) take the jobs in order

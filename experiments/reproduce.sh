@@ -29,14 +29,14 @@ SEED=0 BACKBONE_EPOCHS=40 BUDGETS=0.145 RECIPES=anneal_lr5 TUNE_BUDGETS=0.145 TU
 # the pretrained backbone (pool, then train/) and the search study on it, with the fine-tuning of
 # the schedule chosen on val/ (about 2.5 hours more)
 TUNE="0.145:anneal_lr5" experiments/pretrained_study.sh "$DATA" output/pretrained_study output/pretrained
-# the learned schedule's search again with seeds 1 and 2 (about 15 min each)
+# the learned schedule's search again with seeds 1 and 2 (about 10 min each)
 PRETRAINED=$(realpath output/pretrained/tuned/model_best.pth)
 for seed in 1 2; do
   SEED=$seed BACKBONE=$PRETRAINED BUDGETS=0.145 RECIPES=anneal_lr5 experiments/search_study.sh "$DATA" \
     "output/pretrained_study_s$seed"
 done
-# SDT2Net's ablation on it, EAB and FTF at 10x the learning rate (70 min), then the + EAB row at the
-# official single learning rate, sharing the searches and the DTC row (30 min)
+# SDT2Net's ablation on it, EAB and FTF at 10x the learning rate (80 min), then the + EAB row at the
+# official single learning rate, sharing the searches and the DTC row (40 min)
 BACKBONE=$PRETRAINED START_FLOPS=0.185 ADDED_LR_SCALE=10 experiments/ablation.sh "$DATA" output/pretrained_study
 mkdir -p output/pretrained_study_lr1/ablation
 for run in search_deit search_eab deit_seed0 deit_seed1 deit_seed2; do

@@ -209,10 +209,8 @@ class SDT2Net(VisionTransformer):
     def added_parameters(self) -> List[torch.nn.Parameter]:
         """The parameters SDT2Net adds to a ViT: every EAB and the FTF head. Their last layers start
         at zero, so a fine-tuned backbone starts without them (main.py's --added-lr-scale)."""
-        added = [module for block in self.blocks for module in [block.eab] if module is not None]
-        if self.ftf is not None:
-            added.append(self.ftf)
-        return [p for module in added for p in module.parameters()]
+        added = [block.eab for block in self.blocks] + [self.ftf]
+        return [p for module in added if module is not None for p in module.parameters()]
 
     def schedule(self) -> Schedule:
         """The schedule in force: the fixed one, or the learned one's current hard counts.
