@@ -26,6 +26,7 @@ from datasets import UnreadableImageError, build_dataset, build_samplers, check_
 from engine import Precision, SearchObjective, evaluate, measure_throughput, train_one_epoch
 from losses import build_criterion
 from models.compression_rates import SEARCH_STARTS
+from models.sdt2net import IMPORTANCES
 from models.token_ops import MERGE_RULES
 from utils import (ArgumentParser, NonFiniteError, ReplicasDisagreeError, UserError, append_json_line,
                    atomic_write_text, check_replicas_agree, error_boundary, error_line, get_world_size,
@@ -93,6 +94,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--flops-lambda', type=float, default=5.0,
                    help='lambda of the FLOPs penalty lambda * (GFLOPs - target)^2 (DiffRate: 5)')
     g.add_argument('--granularity', type=int, default=4, help='step between candidate kept counts')
+    g.add_argument('--importance', default=None, choices=IMPORTANCES,
+                   help='how patches are ranked before pruning: the class token\'s attention (class; default '
+                        'with a class token) or the attention each patch receives (received; default without)')
     g.add_argument('--arch-lr', type=float, default=0.01, help='learning rate of the compression rates')
     g.add_argument('--arch-min-lr', type=float, default=0.01, help='final learning rate of the rates')
     g.add_argument('--search-mode', default='alternate', choices=['alternate', 'joint', 'arch', 'weights'],

@@ -35,6 +35,8 @@ class ModelShape:
     token_norm: bool = True  # the final norm over every token (DeiT); off with fc_norm / final_norm=False
     fc_norm: bool = False   # the final norm over the pooled features (average pooling)
     heads: int = 1          # linear classifiers on the pooled features (2: DeiT's distillation head)
+    rank_by_class: bool = True  # patches ranked by the class token's attention row (else by the map's means)
+    pool_mlp_hidden: int = 0    # the MLP width of an attention-pooling head (SigLIP's 'map'); 0: none
 
 
 def analytic_flops(shape: ModelShape, prune: torch.Tensor, merge: torch.Tensor) -> torch.Tensor:
@@ -65,7 +67,7 @@ def analytic_flops(shape: ModelShape, prune: torch.Tensor, merge: torch.Tensor) 
             # the task loss decides which of the two removes a token.
             after = m + (p - p.detach())
             compresses = (m.detach() < n_in.detach()).double()
-            importance = compresses * n_in * C           # class-token attention row
+            importance = compresses * n_in * C if shape.rank_by_class else 0.0  # class-token attention row
         total = total + 5 * n_in * C                     # norm1
         total = total + 4 * n_in * C * C                 # qkv + proj
         if shape.qk_norm:
@@ -77,6 +79,10 @@ def analytic_flops(shape: ModelShape, prune: torch.Tensor, merge: torch.Tensor) 
         n_in = after
     if shape.token_norm:
         total = total + 5 * n_in * C                     # final norm of every token
+    if shape.pool_mlp_hidden:  # one latent query attends to the patch tokens, then proj, norm and MLP
+        patches = n_in - prefix
+        total = total + 2 * patches * C * C + 2 * patches * C          # keys and values, q @ k^T, attn @ v
+        total = total + 2 * C * C + 5 * C + 2 * C * shape.pool_mlp_hidden  # query, proj, norm, MLP
     if shape.fc_norm:
         total = total + 5 * C                            # final norm of the pooled features
     total = total + shape.heads * C * shape.num_classes  # linear head(s)

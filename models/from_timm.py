@@ -47,11 +47,15 @@ def vit_arguments(vit: VisionTransformer) -> Dict[str, Any]:
     if type(vit) not in (VisionTransformer, VisionTransformerDistilled):
         raise ValueError(f'{type(vit).__name__} is not timm\'s VisionTransformer (or its distilled DeiT)')
     block = vit.blocks[0]
-    parts = (('block', block, Block), ('attention', block.attn, Attention), ('MLP', block.mlp, Mlp),
-              ('patch embedding', vit.patch_embed, PatchEmbed))
+    # the block first: parallel blocks (ViT-18x2, -xp) have no `attn` or `mlp` to look at
+    parts = (('block', lambda: block, Block), ('attention', lambda: block.attn, Attention),
+             ('MLP', lambda: block.mlp, Mlp), ('patch embedding', lambda: vit.patch_embed, PatchEmbed))
     for what, module, expected in parts:
-        if type(module) is not expected:
-            raise ValueError(f'its {what} is {type(module).__name__}; SDT2Net builds on timm\'s {expected.__name__}')
+        if type(module()) is not expected:
+            raise ValueError(f'its {what} is {type(module()).__name__}; SDT2Net builds on timm\'s {expected.__name__}')
+    if not (isinstance(block.attn.norm, nn.Identity) and isinstance(block.mlp.norm, nn.Identity)):
+        raise ValueError('its blocks norm the attention and MLP outputs (scale_attn_norm / scale_mlp_norm, '
+                         'BEiT3\'s layout), which the FLOPs count does not follow')
     if isinstance(vit.patch_drop, PatchDropout):
         raise ValueError('patch dropout (patch_drop_rate > 0) drops patches that the token schedule counts')
     drop_path = getattr(vit.blocks[-1].drop_path1, 'drop_prob', 0.0)  # the last block's is the rate
@@ -72,7 +76,7 @@ def vit_arguments(vit: VisionTransformer) -> Dict[str, Any]:
         norm_layer=_norm(block.norm1), embed_norm_layer=_norm(vit.patch_embed.norm),
         act_layer=type(block.mlp.act))
     with torch.device('meta'):  # the architecture again, without memory or initialisation
-        rebuilt = type(vit)(**arguments)
+        rebuilt = type(vit)(**arguments, weight_init='skip')
     for name in ('num_prefix_tokens', 'no_embed_class', 'global_pool', 'has_class_token', 'dynamic_img_size'):
         if getattr(rebuilt, name) != getattr(vit, name):
             raise ValueError(f'cannot read its configuration: {name} {getattr(vit, name)!r} would be rebuilt as '

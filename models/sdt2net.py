@@ -1,8 +1,11 @@
 """SDT2Net: a vision transformer with EAB, DTC and FTF, built on timm's VisionTransformer.
 
-Any configuration of timm's VisionTransformer with a class token works (DeiT, DeiT III, AugReg,
-DINOv2 with registers, CLIP, MAE with average pooling, DeiT distilled): prefix tokens are never
-compressed, the class token's attention ranks the patches, average pooling weighs tokens by size.
+Any configuration of timm's VisionTransformer with timm's Block, Attention and Mlp works (DeiT,
+DeiT III, AugReg, DINOv2 with registers, CLIP, MAE with average pooling, DeiT distilled, SigLIP
+with its attention-pooling head, timm's `gap` ViTs): prefix tokens are never compressed; the class
+token's attention ranks the patches, or without a class token the attention each patch receives;
+average pooling weighs tokens by size, and an attention-pooling head gives a merged token log(size)
+extra logit (ToMe's proportional attention).
 Blocks are injected through `block_fn`; token state (sizes, masks, patch owners) is passed from
 block to block explicitly. `eab`, `ftf` and the compression (a schedule at full keep) can each be
 switched off for ablations. Building from a timm name or a built timm model: `from_timm.py`.
@@ -12,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, Mlp, PatchEmbed
+from timm.layers import Attention, AttentionPoolLatent, Mlp, PatchEmbed
 from timm.models import build_model_with_cfg, get_pretrained_cfg, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -34,24 +37,35 @@ _TIMM_LAYERS = {'block_fn': (Block,), 'attn_layer': (Attention, 'attention'), 'm
 def unsupported_vit(kwargs: Dict) -> str:
     """What in these VisionTransformer arguments SDT2Net cannot follow ('' if nothing)."""
     pool = kwargs.get('global_pool', 'token')
-    if not kwargs.get('class_token', True):
-        return 'it has no class token (class_token=False), whose attention ranks the patches'
+    class_token = kwargs.get('class_token', True)
     if pool not in SDT2Net.POOLS:
-        return f'global_pool={pool!r}: SDT2Net pools by the class token or a size-weighted average (token, avg)'
-    if kwargs.get('distilled') and pool != 'token':
+        return (f'global_pool={pool!r}: SDT2Net pools by the class token, a size-weighted average or an '
+                f'attention-pooling head with proportional attention (token, avg, map)')
+    if pool == 'token' and not class_token:
+        return 'global_pool=token without a class token (class_token=False)'
+    if kwargs.get('importance') == 'class' and not class_token:
+        return 'importance=class needs a class token (class_token=False): rank by received attention'
+    if kwargs.get('distilled') and (pool != 'token' or not class_token):
         return 'a distilled model pools by its class and distillation tokens (global_pool=token)'
     if kwargs.get('pool_include_prefix'):
         return 'pool_include_prefix=True: the average pools the patch tokens only'
     if kwargs.get('dynamic_img_size') or kwargs.get('dynamic_img_pad'):
         return 'dynamic_img_size / dynamic_img_pad: the token schedule is set for one patch grid'
     if kwargs.get('scale_attn_norm') or kwargs.get('scale_mlp_norm'):
-        return 'scale_attn_norm / scale_mlp_norm (not in the FLOPs count)'
+        return 'scale_attn_norm / scale_mlp_norm (BEiT3\'s normed attention and MLP outputs, not in the FLOPs count)'
     if kwargs.get('patch_drop_rate'):
         return 'patch_drop_rate > 0: patch dropout removes patches that the token schedule counts'
     for name, allowed in _TIMM_LAYERS.items():
         if name in kwargs and kwargs[name] not in allowed:
             return f'{name}={getattr(kwargs[name], "__name__", kwargs[name])} (SDT2Net builds on timm\'s {allowed[0].__name__})'
     return ''
+
+
+# How a block ranks the patch tokens before pruning (each [B, N - prefix], mean over heads):
+# 'class': the attention the class token pays each patch (DiffRate, SDT2Net);
+# 'received': the attention each patch receives, averaged over the alive queries (ViTs without a
+# class token; docs/model.md measures it against the class token's and a random ranking).
+IMPORTANCES = ('class', 'received')
 
 
 class SDT2NetAttention(Attention):
@@ -65,8 +79,9 @@ class SDT2NetAttention(Attention):
     """
 
     def forward(self, x: torch.Tensor, state: TokenState, eab: Optional[EfficientAttentionShift] = None,
-                need_importance: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """x: [B, N, C] -> (output [B, N, C], class-token attention on patches [B, N - prefix] or None)."""
+                importance: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x: [B, N, C] -> (output [B, N, C], importance of the patches [B, N - prefix] or None);
+        importance: None (not needed) or one of IMPORTANCES."""
         B, N, C = x.shape
         H, D = self.num_heads, self.head_dim
         if eab is not None and exporting():
@@ -90,7 +105,7 @@ class SDT2NetAttention(Attention):
         # Proportional attention (ToMe): a token standing for s patches gets log(s) extra logit.
         bias = state.size.log().to(q.dtype).view(B, 1, 1, N) if state.size is not None else None
 
-        importance = None
+        ranking = None
         if state.mask is not None:
             logits = (q * self.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
             if bias is not None:
@@ -106,42 +121,83 @@ class SDT2NetAttention(Attention):
             keep = state.mask.to(logits.dtype)[:, None, :] * (1 - eye) + eye  # [B, N, N]
             weights = logits.softmax(dim=-1) * keep[:, None]
             attn = weights * weights.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny).reciprocal()
-            if need_importance:
-                importance = attn[:, :, 0, state.prefix:].mean(dim=1)
+            if importance is not None:
+                ranking = self._ranking(attn, state, importance)
             out = self.attn_drop(attn) @ v
-        else:
-            if self.fused_attn and not exporting():
-                out = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.)
-            else:
-                logits = (q * self.scale) @ k.transpose(-2, -1)
-                if bias is not None:
-                    logits = logits + bias
-                out = self.attn_drop(logits.softmax(dim=-1)) @ v
-            if need_importance:
-                cls_logits = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
-                if bias is not None:
-                    cls_logits = cls_logits + bias
-                importance = cls_logits.softmax(dim=-1)[:, :, 0, state.prefix:].mean(dim=1)
+        elif self.fused_attn and not exporting() and importance != 'received':
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.)
+        else:  # the map itself: exported graphs, and the attention the patches receive
+            logits = (q * self.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                logits = logits + bias
+            attn = logits.softmax(dim=-1)  # [B, H, N, N]
+            if importance == 'received':
+                ranking = self._ranking(attn, state, importance)
+            out = self.attn_drop(attn) @ v
+        if importance == 'class' and ranking is None:
+            cls_logits = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
+            if bias is not None:
+                cls_logits = cls_logits + bias
+            ranking = cls_logits.softmax(dim=-1)[:, :, 0, state.prefix:].mean(dim=1)
         out = self.norm(out.transpose(1, 2).reshape(B, N, C))
-        return self.proj_drop(self.proj(out)), importance
+        return self.proj_drop(self.proj(out)), ranking
+
+    @staticmethod
+    def _ranking(attn: torch.Tensor, state: TokenState, importance: str) -> torch.Tensor:
+        """attn: [B, H, N, N] (rows: queries) -> importance of the patch tokens, [B, N - prefix]."""
+        if importance == 'class':
+            return attn[:, :, 0, state.prefix:].mean(dim=1)
+        if state.mask is None:
+            return attn.mean(dim=(1, 2))[:, state.prefix:]
+        # masked queries attend to themselves alone: only the alive ones vote, [B, 1, N, 1]
+        queries = state.mask.to(attn.dtype)[:, None, :, None]
+        received = (attn * queries).sum(dim=2) / queries.sum(dim=2).clamp(min=1)  # [B, H, N]
+        return received.mean(dim=1)[:, state.prefix:]
+
+
+def attention_pool(pool: AttentionPoolLatent, x: torch.Tensor, size: Optional[torch.Tensor],
+                   mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """timm's attention-pooling head (SigLIP's 'map') over compressed tokens: x [B, N, C] ->
+    [B, C]. A token standing for s patches gets log(s) extra logit (ToMe's proportional
+    attention), size [B, N, 1] or None (all 1); masked tokens (training, mask [B, N]) weigh 0,
+    written as the blocks' masked softmax so that the mask's gradient exists. Without a mask it is
+    timm's own forward with the log sizes as its additive attention mask."""
+    B, N, C = x.shape
+    bias = size.log().to(x.dtype).view(B, 1, 1, N) if size is not None else None  # [B, 1, 1, N]
+    if mask is None:
+        return pool(x, attn_mask=bias)
+    H, D, L = pool.num_heads, pool.head_dim, pool.latent_len
+    q = pool.q(pool.latent.expand(B, -1, -1)).reshape(B, L, H, D).transpose(1, 2)  # [B, H, L, D]
+    k, v = pool.kv(x).reshape(B, N, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] each
+    q, k = pool.q_norm(q), pool.k_norm(k)
+    logits = (q * pool.scale) @ k.transpose(-2, -1)  # [B, H, L, N]
+    if bias is not None:
+        logits = logits + bias
+    weights = logits.softmax(dim=-1) * mask.to(logits.dtype)[:, None, None, :]
+    attn = weights / weights.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
+    out = pool.proj_drop(pool.proj((attn @ v).transpose(1, 2).reshape(B, L, C)))  # [B, L, C]
+    if pool.mlp is not None:
+        out = out + pool.mlp(pool.norm(out))
+    return out[:, 0] if pool.pool == 'token' else out.mean(dim=1)
 
 
 class SDT2NetBlock(Block):
     """Pre-norm transformer block: attention (with EAB), token compression, MLP."""
 
     def __init__(self, dim: int, num_heads: int, *, eab: bool = True, eab_ratio: float = 2.0, eab_groups: int = 1,
-                 eab_shift: int = 2, eab_shared: bool = True, merge_rule: str = 'size-weighted', **kwargs) -> None:
+                 eab_shift: int = 2, eab_shared: bool = True, merge_rule: str = 'size-weighted',
+                 importance: str = 'class', **kwargs) -> None:
         kwargs['attn_layer'] = SDT2NetAttention
         super().__init__(dim, num_heads, **kwargs)
         self.eab = EfficientAttentionShift(dim, eab_ratio, eab_groups, eab_shift, eab_shared) if eab else None
-        self.merge_rule = merge_rule
+        self.merge_rule, self.importance = merge_rule, importance
 
     def forward(self, x: torch.Tensor, state: TokenState, kept: Optional[Tuple[int, int]] = None,
                 keep_masks: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, TokenState]:
         """x: [B, N, C]; kept: (prune, merge) kept counts with prefix tokens, None = no compression."""
         compresses = kept is not None and (keep_masks is not None or min(kept) < state.alive)
-        attn_out, importance = self.attn(self.norm1(x), state, self.eab, need_importance=compresses)
+        attn_out, importance = self.attn(self.norm1(x), state, self.eab, self.importance if compresses else None)
         x = x + self.drop_path1(self.ls1(attn_out))
         if compresses:
             x, state = compress(x, state, importance, kept[0], kept[1], keep_masks, self.merge_rule)
@@ -152,32 +208,37 @@ class SDT2NetBlock(Block):
 class SDT2Net(VisionTransformer):
     """VisionTransformer with learned token pruning/merging, EAB and a second-order head.
 
-    Takes timm's VisionTransformer arguments (a class token is needed; pooling 'token' or 'avg')
-    and: eab (bool), eab_ratio (SCM expansion, official 2), eab_groups (1, or e.g. num_heads for
+    Takes timm's VisionTransformer arguments (pooling 'token', 'avg' or 'map') and: eab (bool), eab_ratio (SCM expansion, official 2), eab_groups (1, or e.g. num_heads for
     the cheap grouped variant), eab_shift (patches the SCM shifts by, official 2, ELAN 1),
     eab_shared (one SCM for q and k, official; False: one each), ftf (bool), ftf_dim (48),
     granularity (candidate step), merge_rule ('size-weighted', or DiffRate's 'diffrate': see
-    token_ops.merge_into), distilled (DeiT's distillation token and head: logits are the mean of
-    the two heads, as timm's distilled DeiT in evaluation).
+    token_ops.merge_into), importance (how patches are ranked, IMPORTANCES; default 'class' with a
+    class token, else 'received'), distilled (DeiT's distillation token and head: logits are the
+    mean of the two heads, as timm's distilled DeiT in evaluation).
     """
 
-    POOLS = ('token', 'avg')
+    POOLS = ('token', 'avg', 'map')
 
     def __init__(self, *, eab: bool = True, eab_ratio: float = 2.0, eab_groups: int = 1, eab_shift: int = 2,
                  eab_shared: bool = True, ftf: bool = True, ftf_dim: int = 48, granularity: int = 4,
-                 merge_rule: str = 'size-weighted', distilled: bool = False, **kwargs) -> None:
+                 merge_rule: str = 'size-weighted', importance: Optional[str] = None, distilled: bool = False,
+                 **kwargs) -> None:
         kwargs.setdefault('global_pool', 'token')
-        problem = unsupported_vit(dict(kwargs, distilled=distilled))
+        problem = unsupported_vit(dict(kwargs, distilled=distilled, importance=importance))
         if problem:
             raise ValueError(f'SDT2Net cannot be built from this VisionTransformer: {problem}')
         if merge_rule not in MERGE_RULES:
             raise ValueError(f'merge_rule must be one of {MERGE_RULES}, got {merge_rule!r}')
+        if importance is None:
+            importance = 'class' if kwargs.get('class_token', True) else 'received'
+        if importance not in IMPORTANCES:
+            raise ValueError(f'importance must be one of {IMPORTANCES}, got {importance!r}')
         kwargs.pop('block_fn', None)  # timm's Block (checked above), which SDT2NetBlock extends
         block_fn = partial(SDT2NetBlock, eab=eab, eab_ratio=eab_ratio, eab_groups=eab_groups,
-                           eab_shift=eab_shift, eab_shared=eab_shared, merge_rule=merge_rule)
+                           eab_shift=eab_shift, eab_shared=eab_shared, merge_rule=merge_rule, importance=importance)
         super().__init__(block_fn=block_fn, **kwargs)
         self.has_eab, self.eab_ratio = eab, eab_ratio
-        self.eab_groups = eab_groups
+        self.eab_groups, self.importance = eab_groups, importance
         num_patches = self.patch_embed.num_patches
         self.dist_token = self.head_dist = None
         if distilled:  # class token, distillation token, patches (timm's VisionTransformerDistilled)
@@ -252,7 +313,9 @@ class SDT2Net(VisionTransformer):
             num_prefix=self.num_prefix_tokens, norm_pre=not isinstance(self.norm_pre, torch.nn.Identity),
             qk_norm=not isinstance(block.attn.q_norm, torch.nn.Identity),
             token_norm=not isinstance(self.norm, torch.nn.Identity),
-            fc_norm=not isinstance(self.fc_norm, torch.nn.Identity), heads=2 if self.dist_token is not None else 1)
+            fc_norm=not isinstance(self.fc_norm, torch.nn.Identity), heads=2 if self.dist_token is not None else 1,
+            rank_by_class=self.importance == 'class',
+            pool_mlp_hidden=self.attn_pool.mlp.fc1.out_features if self.attn_pool is not None else 0)
 
     def flops(self) -> torch.Tensor:
         """FLOPs of one image under the current schedule (fvcore convention).
@@ -299,12 +362,15 @@ class SDT2Net(VisionTransformer):
         return self.pos_drop(torch.cat([prefix, x], dim=1) + self.pos_embed)
 
     def _pool(self, tokens: torch.Tensor, state: Optional[TokenState]) -> torch.Tensor:
-        """tokens: [B, N, C] -> pooled features [B, C], before fc_norm: the class token, or the
-        average of the patch tokens weighted by the patches each stands for (masked tokens weigh
-        0; at full keep timm's mean)."""
+        """tokens: [B, N, C] -> pooled features [B, C], before fc_norm: the class token, the
+        attention-pooling head over the patch tokens, or the average of the patch tokens weighted
+        by the patches each stands for (masked tokens weigh 0; at full keep timm's mean)."""
         if self.global_pool == 'token':
             return tokens[:, 0]
         weight, mask = self._patch_sizes(tokens, state)  # [B, N - prefix, 1], [B, N - prefix] or None
+        if self.attn_pool is not None:
+            return attention_pool(self.attn_pool, tokens[:, self.num_prefix_tokens:],
+                                  weight if state is not None and state.size is not None else None, mask)
         if mask is not None:
             weight = weight * mask[..., None].to(weight.dtype)
         patches = tokens[:, self.num_prefix_tokens:]
@@ -355,8 +421,12 @@ class SDT2Net(VisionTransformer):
             'form a patch grid; use forward_tokens(x, return_owners=True) for the tokens and their patches')
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None and global_pool not in self.POOLS or (global_pool == 'avg' and self.dist_token is not None):
-            raise ValueError(f'SDT2Net pools by {" or ".join(self.POOLS)} (distilled: token), not {global_pool!r}')
+        # a distilled model pools by its two tokens; timm cannot add an attention-pooling head later
+        allowed = ('token',) if self.dist_token is not None else tuple(
+            pool for pool in self.POOLS
+            if (pool != 'token' or self.has_class_token) and (pool != 'map' or self.attn_pool is not None))
+        if global_pool is not None and global_pool not in allowed:
+            raise ValueError(f'this SDT2Net can pool by {" or ".join(allowed)}, not {global_pool!r}')
         super().reset_classifier(num_classes, global_pool)
         if self.dist_token is not None:
             self.head_dist = torch.nn.Linear(self.embed_dim, num_classes) if num_classes else torch.nn.Identity()

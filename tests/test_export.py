@@ -173,3 +173,85 @@ def test_exported_eab_runs_channels_first_with_the_eager_results(shared, groups)
             exported = model.forward_tokens(x)[0]
     assert eager.shape == (2, 100, model.embed_dim)
     assert (exported - eager).abs().max() < 1e-4
+
+
+def generated_images(folder, count=6, seed=1):
+    """Random-pixel images of odd sizes, not the training data."""
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(seed)
+    for index in range(count):
+        pixels = (torch.rand(60, 70, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f'image{index}.png')
+    return folder
+
+
+@pytest.mark.skipif(not HAVE_ONNX, reason='optional packages of requirements-export.txt not installed')
+def test_quantized_export_round_trip_through_predict(trained, tmp_path, capsys):
+    """export.py onnx --quantize static (calibrated on train/), then predict.py on the int8 file as
+    on any graph: the answers of the fp32 checkpoint on generated images, the metadata of the fp32
+    graph plus how it was quantized, a smaller file; --quantize dynamic from the same code."""
+    import onnx
+    from workflow.quantize import quantize
+    data, out = trained
+    path = tmp_path / 'int8.onnx'
+    assert export.main(['onnx', str(out / 'model_best.pth'), str(path), '--quantize', 'static', '--calibration',
+                        str(data / 'train'), '--calibration-images', '8', '--check', str(data / 'val'),
+                        '--no-optimize']) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert 'int8 static' in printed[0]
+    report = json.loads(printed[-1])
+    assert report['images'] == 9 and report['top1_agreement'] >= 8 / 9
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    model, run_args = load_trained_model(str(out / 'model_best.pth'))
+    assert json.loads(meta['class_names']) == model.class_names and meta['input_size'] == '48'
+    info = json.loads(meta['quantization'])
+    assert info['mode'] == 'static' and info['calibration_images'] == 8 and 'MatMul' in info['ops']
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert {'QuantizeLinear', 'DequantizeLinear', 'Softmax'} <= ops  # softmax stays in float
+    new = generated_images(tmp_path / 'new')
+    rows = {}
+    for source in (out / 'model_best.pth', path):
+        target = tmp_path / f'{source.suffix[1:]}.jsonl'
+        assert predict.main([str(source), str(new), '--out', str(target)]) == 0
+        rows[source.suffix] = [json.loads(line)['classes'][0] for line in open(target)]
+    assert sum(a == b for a, b in zip(rows['.onnx'], rows['.pth'])) >= 5 and len(rows['.pth']) == 6
+    # dynamic from the fp32 graph of the same model: int8 weights, a quarter of their bytes
+    fp32, dynamic = tmp_path / 'fp32.onnx', tmp_path / 'dynamic.onnx'
+    onnx_export.export_onnx(model, str(fp32), 48, onnx_export.onnx_metadata(model, run_args, 'x'), optimize=False)
+    info = quantize(str(fp32), str(dynamic), 'dynamic', {'class_names': meta['class_names']})
+    assert info['mode'] == 'dynamic' and dynamic.stat().st_size < 0.5 * fp32.stat().st_size
+    runner = onnx_export.onnx_runner(str(dynamic))
+    x = torch.randn(5, 3, 48, 48)
+    with torch.no_grad():
+        expected = model(x)
+    got = torch.from_numpy(runner.run(None, {'images': x.numpy()})[0])
+    assert got.shape == expected.shape and (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.6
+
+
+def test_quantization_refuses_in_one_line_before_exporting(trained, tmp_path, capsys, monkeypatch):
+    """No calibration images, a calibration folder with other classes, no onnxruntime, and an int8
+    graph given to main.py --finetune: one error line each, nothing written."""
+    data, out = trained
+    target = tmp_path / 'int8.onnx'
+    checkpoint = str(out / 'model_best.pth')
+    other = make_image_folder(tmp_path / 'other', classes=('beach', 'desert', 'forest'))
+    cases = [(['--quantize', 'static'], '--calibration DATA/train'),
+             (['--quantize', 'static', '--calibration', str(other / 'train')], 'other classes'),
+             (['--quantize', 'static', '--calibration', str(data / 'train'), '--calibration-images', '0'], 'at least 1')]
+    for flags, words in cases:
+        assert export.main(['onnx', checkpoint, str(target)] + flags) == 2
+        err = capsys.readouterr().err
+        assert err.startswith('error:') and err.count('\n') == 1 and words in err, err
+        assert not target.exists()
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec',
+                        lambda name, *a: None if name == 'onnxruntime' else real_find_spec(name, *a))
+    assert export.main(['onnx', checkpoint, str(target), '--quantize', 'dynamic']) == 2
+    err = capsys.readouterr().err
+    assert 'INT8 quantization' in err and 'onnxruntime' in err and err.count('\n') == 1
+    monkeypatch.undo()
+    target.write_bytes(b'\x08\x07')  # what a graph file starts as
+    assert entry.run([str(a) for a in ['--data-path', data, '--model', MODEL, '--finetune', target, '--epochs', '1',
+                                       '--output_dir', tmp_path / 'run'] + FAST]) == 2
+    err = capsys.readouterr().err
+    assert 'ONNX graph' in err and err.count('\n') == 1

@@ -3,6 +3,7 @@ width with random weights (nothing downloaded), against timm's own model with th
 import importlib.util
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import timm
@@ -29,8 +30,14 @@ FAMILIES = {
     'clip': ('vit_base_patch16_clip_quickgelu_224', dict(img_size=64)),          # norm_pre, QuickGELU, LN eps 1e-5
     'mae_avg': ('vit_base_patch16_224.mae', dict(img_size=64, global_pool='avg')),  # average pooling, fc_norm
     'deit_distilled': ('deit_tiny_distilled_patch16_224', dict(img_size=64)),    # class + distillation token
+    'siglip': ('vit_base_patch16_siglip_224', dict(img_size=64)),                # no class token, attention pooling
+    'siglip_gap': ('vit_base_patch16_siglip_gap_224', dict(img_size=64)),        # no class token, average pooling
+    'gap_reg': ('vit_medium_patch16_reg4_gap_256', dict(img_size=64)),           # 4 registers, no class token, avg
+    'map_reg': ('vit_so150m_patch16_reg4_map_256', dict(img_size=64)),           # 4 registers, attention pooling
 }
-PREFIX = {'augreg': 1, 'deit3': 1, 'dinov2': 1, 'dinov2_reg': 5, 'clip': 1, 'mae_avg': 1, 'deit_distilled': 2}
+PREFIX = {'augreg': 1, 'deit3': 1, 'dinov2': 1, 'dinov2_reg': 5, 'clip': 1, 'mae_avg': 1, 'deit_distilled': 2,
+          'siglip': 0, 'siglip_gap': 0, 'gap_reg': 4, 'map_reg': 4}
+WITHOUT_CLASS_TOKEN = ['siglip', 'siglip_gap', 'gap_reg', 'map_reg']
 
 
 def timm_vit(family: str) -> torch.nn.Module:
@@ -117,35 +124,110 @@ def test_prefix_tokens_are_never_pruned_or_merged(family):
 @pytest.mark.parametrize('family', ['dinov2_reg', 'deit_distilled', 'augreg'])
 def test_importance_is_the_class_tokens_attention_on_the_patches(family):
     model = models.from_vit(timm_vit(family), eab=False, ftf=False).eval()
+    assert model.importance == 'class'
     attn, prefix = model.blocks[1].attn, model.num_prefix_tokens
     x = torch.randn(2, prefix + model.patch_embed.num_patches, model.embed_dim)
     state = models.sdt2net.TokenState(alive=x.shape[1], grid_size=tuple(model.patch_embed.grid_size), prefix=prefix)
     with torch.no_grad():
-        _, importance = attn(x, state, need_importance=True)
+        _, importance = attn(x, state, importance='class')
         q, k, _ = attn.qkv(x).view(2, x.shape[1], 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         expected = ((q[:, :, :1] @ k.transpose(-2, -1)) * attn.scale).softmax(-1)[:, :, 0, prefix:].mean(1)
     assert importance.shape == (2, model.patch_embed.num_patches)
     torch.testing.assert_close(importance, expected)
 
 
-def test_a_vit_without_a_class_token_is_refused_in_one_line(capsys):
-    with pytest.raises(ValueError, match='no class token'):
-        timm.create_model('sdt2net_vit_medium_patch16_gap_256', **SMALL, img_size=64)
-    code = entry.run(['--data-set', 'synthetic', '--model', 'sdt2net_vit_medium_patch16_gap_256',
+@pytest.mark.parametrize('family', WITHOUT_CLASS_TOKEN)
+def test_without_a_class_token_importance_is_the_attention_the_patches_receive(family):
+    """Evaluation: the mean over heads and queries of the attention map's columns; training: only
+    the alive queries vote (a masked query attends to itself alone)."""
+    model = models.from_vit(timm_vit(family), eab=False, ftf=False).eval()
+    assert model.importance == 'received' and model.shape().rank_by_class is False
+    attn, prefix = model.blocks[1].attn, model.num_prefix_tokens
+    n = prefix + model.patch_embed.num_patches
+    x = torch.randn(2, n, model.embed_dim)
+    state = models.sdt2net.TokenState(alive=n, grid_size=tuple(model.patch_embed.grid_size), prefix=prefix)
+    with torch.no_grad():
+        _, importance = attn(x, state, importance='received')
+        q, k, _ = attn.qkv(x).view(2, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        amap = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(-1)  # [B, H, N, N]
+    torch.testing.assert_close(importance, amap.mean(dim=(1, 2))[:, prefix:])
+    mask = torch.ones(2, n)
+    mask[:, -3:] = 0  # the last three tokens masked: keys hidden, queries silent
+    with torch.no_grad():
+        _, masked = attn(x, replace(state, mask=mask), importance='received')
+    logits = (q @ k.transpose(-2, -1)) * attn.scale
+    expected = logits[..., :n - 3, :n - 3].softmax(-1).mean(dim=(1, 2))[:, prefix:]  # alive queries and keys
+    torch.testing.assert_close(masked[:, :n - 3 - prefix], expected)
+    with pytest.raises(ValueError, match='class token'):
+        models.from_vit(timm_vit(family), importance='class')
+
+
+@pytest.mark.parametrize('family', ['siglip', 'map_reg'])
+def test_attention_pooling_counts_a_merged_token_as_the_tokens_it_holds(family):
+    """ToMe's proportional attention in the pooling head: one token of size 3 pools exactly as
+    three copies of it; a masked token (training) is ignored as if removed."""
+    model = models.from_vit(timm_vit(family), eab=False, ftf=False).eval()
+    pool, prefix = model.attn_pool, model.num_prefix_tokens
+    a, b = torch.randn(2, 1, model.embed_dim), torch.randn(2, 1, model.embed_dim)
+    prefix_tokens = torch.randn(2, prefix, model.embed_dim)
+    merged = torch.cat([prefix_tokens, a, b], dim=1)
+    copies = torch.cat([prefix_tokens, a, b, b, b], dim=1)
+    sizes = torch.tensor([1.0] * prefix + [1.0, 3.0]).expand(2, -1)[..., None]
+    state = models.sdt2net.TokenState(alive=prefix + 2, grid_size=(4, 4), prefix=prefix, size=sizes.clone())
+    with torch.no_grad():
+        torch.testing.assert_close(model._pool(merged, state), model._pool(copies, None))
+        noise = torch.cat([merged, torch.randn(2, 1, model.embed_dim)], dim=1)
+        masked = replace(state, alive=prefix + 3, size=torch.cat([sizes, torch.full((2, 1, 1), 5.0)], dim=1),
+                         mask=torch.tensor([1.0] * (prefix + 2) + [0.0]).expand(2, -1))
+        torch.testing.assert_close(model._pool(noise, masked), model._pool(copies, None))
+    assert model._pool(copies, None).shape == (2, model.embed_dim)
+
+
+def test_a_vit_sdt2net_cannot_follow_is_refused_in_one_line(capsys):
+    with pytest.raises(ValueError, match='ParallelScalingBlock'):
+        timm.create_model('sdt2net_vit_base_patch16_xp_224', **SMALL, img_size=64)
+    code = entry.run(['--data-set', 'synthetic', '--model', 'sdt2net_vit_base_patch16_xp_224',
                       '--input-size', '64', '--epochs', '1'])
     err = capsys.readouterr().err
     assert code != 0 and 'Traceback' not in err
-    assert len(err.strip().splitlines()) == 1 and 'no class token' in err
+    assert len(err.strip().splitlines()) == 1 and 'ParallelScalingBlock' in err
+
+
+def test_every_registered_name_builds_or_is_refused_in_one_line_naming_the_part():
+    """timm's registry walk: each sdt2net_* name builds on the meta device (one block, to keep it
+    fast: what is refused is the kind of block, attention, MLP or pooling, not the depth) or raises
+    one ValueError line that names what SDT2Net cannot follow, never another error."""
+    names = timm.list_models('sdt2net_*')
+    built, refused = [], {}
+    for name in names:
+        try:
+            with torch.device('meta'):
+                timm.create_model(name, depth=1)
+            built.append(name)
+        except ValueError as error:
+            refused[name] = str(error)
+    assert all('\n' not in why and len(why) < 300 for why in refused.values()), refused
+    parts = ('Block', 'Attention', 'Mlp', 'BEiT3', 'dynamic_img_size', 'pool_include_prefix')
+    assert all(any(part in why for part in parts) for why in refused.values()), refused
+    for family in ('siglip', 'siglip_gap', 'gap_reg', 'map_reg', 'dinov2_reg', 'deit3'):
+        assert f'sdt2net_{FAMILIES[family][0].split(".")[0]}' in built
+    assert {'sdt2net_vit_so400m_patch14_siglip_384', 'sdt2net_vit_base_patch16_siglip_gap_224'} <= set(built)
+    assert len(built) + len(refused) == len(names) and len(built) > len(refused)
 
 
 @pytest.mark.parametrize('arguments,words', [
     (dict(mlp_layer=SwiGLU), 'SwiGLU'), (dict(patch_drop_rate=0.1), 'patch'),
-    (dict(global_pool='map'), 'map'), (dict(global_pool='max'), 'max'), (dict(dynamic_img_size=True), 'dynamic')])
+    (dict(global_pool='max'), 'max'), (dict(dynamic_img_size=True), 'dynamic')])
 def test_what_sdt2net_cannot_follow_is_refused_by_name_and_by_conversion(arguments, words):
     with pytest.raises(ValueError, match=words):
         timm.create_model('sdt2net_vit_small_patch16_224', **SMALL, img_size=64, **arguments)
     with pytest.raises(ValueError, match=words):
         models.from_vit(timm.create_model('vit_small_patch16_224', **SMALL, img_size=64, **arguments))
+
+
+def test_class_token_pooling_without_a_class_token_is_refused():
+    with pytest.raises(ValueError, match='without a class token'):
+        models.SDT2Net(class_token=False, global_pool='token', **SMALL, img_size=64)
 
 
 def test_average_pooling_weighs_merged_tokens_by_size():
@@ -194,15 +276,18 @@ def test_input_normalisation_follows_the_pretrained_weights():
     assert models.input_normalization('sdt2net_tiny_patch16_224')[0] == (0.485, 0.456, 0.406)
 
 
-def test_search_saves_its_schedule_under_the_models_name_and_evaluation_loads_it(tmp_path, capsys):
-    """DINOv2-S/14 with registers (full width, 56 px: 16 patches, 5 prefix tokens): a rate-only
-    search moves the FLOPs toward the target, the schedule is keyed by the model's name, and
-    --eval --load_compression_rate evaluates exactly it."""
-    name, out = 'sdt2net_vit_small_patch14_reg4_dinov2', tmp_path / 'search'
+@pytest.mark.parametrize('name,size,target,full', [
+    ('sdt2net_vit_small_patch14_reg4_dinov2', 56, 0.45, 21),  # 16 patches behind 5 prefix tokens
+    ('sdt2net_vit_base_patch16_siglip_224', 64, 1.0, 16)])    # 16 patches, no prefix, attention pooling
+def test_search_saves_its_schedule_under_the_models_name_and_evaluation_loads_it(tmp_path, capsys, name, size,
+                                                                                 target, full):
+    """Full-width DINOv2-S/14 with registers and SigLIP-B/16: a rate-only search moves the FLOPs
+    toward the target, the schedule is keyed by the model's name, and --eval --load_compression_rate
+    evaluates exactly it."""
+    out = tmp_path / 'search'
     common = ['--data-set', 'synthetic', '--synthetic-classes', '3', '--synthetic-train-size', '32',
-              '--synthetic-val-size', '6', '--model', name, '--input-size', '56', '--batch-size', '4',
+              '--synthetic-val-size', '6', '--model', name, '--input-size', str(size), '--batch-size', '4',
               '--num_workers', '0', '--granularity', '1', '--no-eab', '--throughput-batch', '0']
-    target = 0.45
     assert entry.run(common + ['--search-mode', 'arch', '--epochs', '2', '--arch-lr', '0.1', '--arch-min-lr', '0.1',
                                '--flops-lambda', '50', '--target_flops', str(target), '--output_dir', str(out)]) == 0
     printed = capsys.readouterr().out
@@ -210,7 +295,7 @@ def test_search_saves_its_schedule_under_the_models_name_and_evaluation_loads_it
     stored = json.load(open(out / 'compression_rate.json'))
     assert list(stored) == [name]
     schedule = load_schedule(str(out / 'compression_rate.json'), name, target)
-    assert schedule.prune[0] == 21 and min(schedule.merge) < 21
+    assert schedule.prune[0] == full and min(schedule.merge) < full
     assert entry.run(common + ['--eval', '--resume', str(out / 'checkpoint.pth'), '--load_compression_rate',
                                '--compression-rate-file', str(out / 'compression_rate.json'), '--target_flops',
                                str(target), '--output_dir', str(tmp_path / 'eval')]) == 0
@@ -250,15 +335,15 @@ def test_pretrained_weights_load_offline_from_a_file_as_in_timm(tmp_path, capsys
 
 
 @pytest.mark.skipif(not HAVE_ONNX, reason='optional packages of requirements-export.txt not installed')
-@pytest.mark.parametrize('family', ['dinov2_reg', 'augreg'])
-def test_exported_graph_and_predict_agree_with_eager_on_every_image(family, tmp_path, capsys):
+@pytest.mark.parametrize('family,target', [('dinov2_reg', 0.35), ('augreg', 0.35), ('siglip', 1.5)])
+def test_exported_graph_and_predict_agree_with_eager_on_every_image(family, target, tmp_path, capsys):
     """A run of the full-width model (EAB and FTF on, the geometric schedule), exported: onnxruntime
     and predict.py on the .onnx give eager's top-1 on every image."""
     name, extra = FAMILIES[family]
     size = extra['img_size']
     data, out = make_image_folder(tmp_path / 'data', val=3, size=size + 8), tmp_path / 'run'
     assert entry.run([str(a) for a in ['--data-path', data, '--model', f'sdt2net_{name}', '--input-size', size,
-                                       '--fixed-schedule', 'geometric', '--target_flops', '0.35', '--epochs', '1',
+                                       '--fixed-schedule', 'geometric', '--target_flops', target, '--epochs', '1',
                                        '--batch-size', '4', '--num_workers', '0', '--warmup-epochs', '0',
                                        '--throughput-batch', '0', '--output_dir', out]]) == 0
     capsys.readouterr()

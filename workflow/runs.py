@@ -26,6 +26,9 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     """torch.load with weights_only=True and a clear error for missing or foreign files."""
     if not os.path.isfile(path):
         raise UserError(f'checkpoint not found: {path}')
+    if path.lower().endswith('.onnx'):
+        raise UserError(f'{path} is an ONNX graph (export.py onnx), not a checkpoint: start from the .pth '
+                        f'it was exported from')
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as error:  # unpickling errors come in many types
@@ -38,8 +41,8 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
 # The arguments that define the network and its evaluation transform (what a release file keeps),
 # and the values of those that runs of earlier versions did not record.
 MODEL_ARGUMENTS = ('model', 'input_size', 'drop', 'drop_path', 'no_eab', 'no_ftf', 'eab_ratio', 'eab_groups',
-                   'eab_shift', 'eab_separate', 'granularity', 'merge_rule')
-MODEL_DEFAULTS = {'eab_shift': 2, 'eab_separate': False, 'merge_rule': 'size-weighted'}
+                   'eab_shift', 'eab_separate', 'granularity', 'merge_rule', 'importance')
+MODEL_DEFAULTS = {'eab_shift': 2, 'eab_separate': False, 'merge_rule': 'size-weighted', 'importance': None}
 
 
 def create_model(args, num_classes: int) -> models.SDT2Net:
@@ -50,7 +53,8 @@ def create_model(args, num_classes: int) -> models.SDT2Net:
             **({'pretrained_cfg_overlay': dict(file=args.pretrained_file)} if getattr(args, 'pretrained_file', '') else {}),
             drop_rate=args.drop, drop_path_rate=args.drop_path, eab=not args.no_eab, ftf=not args.no_ftf,
             eab_ratio=args.eab_ratio, eab_groups=args.eab_groups, eab_shift=args.eab_shift,
-            eab_shared=not args.eab_separate, granularity=args.granularity, merge_rule=args.merge_rule)
+            eab_shared=not args.eab_separate, granularity=args.granularity, merge_rule=args.merge_rule,
+            importance=args.importance)
     except (OSError, RuntimeError) as error:  # hub download failures surface as these
         if not args.pretrained:
             raise UserError(f'cannot build {args.model} with these flags: {error_line(error)}') from None
