@@ -65,9 +65,16 @@ def main(argv=None) -> None:
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--parts', nargs='+', default=['inference', 'train', 'sqrt'],
-                        choices=['inference', 'train', 'sqrt', 'onnx', 'vits'],
+                        choices=['inference', 'train', 'sqrt', 'onnx', 'vits', 'int8'],
                         help='which benchmarks to run (onnx: onnxruntime against PyTorch, needs requirements-export.txt; '
-                             'vits: compression on ViT-B/16 and DINOv2-S/14, eager and in onnxruntime)')
+                             'vits: compression on ViT-B/16 and DINOv2-S/14, eager and in onnxruntime; int8: '
+                             'onnxruntime\'s int8 quantization of dense and compressed graphs)')
+    parser.add_argument('--int8-settings', nargs='+', default=sorted(INT8_SETTINGS), choices=sorted(INT8_SETTINGS),
+                        help='models of the int8 part')
+    parser.add_argument('--int8-threads', type=int, nargs='+', default=[1, 0],
+                        help='onnxruntime threads of the int8 part (0: every core)')
+    parser.add_argument('--int8-profile', action='store_true',
+                        help='int8 part: onnxruntime\'s profile of each compressed graph, time per operator type')
     parser.add_argument('--vit-settings', nargs='+', default=sorted(VIT_SETTINGS), choices=sorted(VIT_SETTINGS),
                         help='models of the vits part')
     parser.add_argument('--vit-input-size', type=int, default=224, help='image size of the vits part')
@@ -97,6 +104,8 @@ def main(argv=None) -> None:
         results.update(benchmark_training(args, device, autocast, images))
     if 'sqrt' in args.parts:
         results.update(benchmark_sqrt(args, device))
+    if 'int8' in args.parts:
+        results.update(benchmark_int8(args))
     if 'onnx' in args.parts:
         results.update(benchmark_onnx(args))
     if 'vits' in args.parts:
@@ -263,6 +272,107 @@ def benchmark_onnx(args) -> Dict[str, float]:
                 report('onnxruntime over eager', 'onnxruntime over eager PyTorch (compressed EAB+FTF)',
                        'eager compressed EAB+FTF', 'compressed EAB+FTF')
     return results
+
+
+# Deployments of the int8 part: (model, image size, compressed schedule). DeiT-S at 224 px under
+# DiffRate's 2.9-GFLOPs schedule; DeiT-Tiny at 112 px under the learned schedule of the pretrained
+# backbone (compression_rate.json, 0.176 GFLOPs); ViT-B/16 at 224 px under the same-fraction merge
+# schedule at half its FLOPs. EAB and FTF off: the models of those schedules.
+INT8_SETTINGS = {'small': ('sdt2net_small_patch16_224', 224, 'diffrate 2.9'),
+                 'tiny': ('sdt2net_tiny_patch16_224', 112, 'learned 0.176'),
+                 'vit_b16': ('sdt2net_vit_base_patch16_224', 224, 'geometric half')}
+
+
+def int8_nets(setting: str) -> Tuple[Dict[str, torch.nn.Module], int]:
+    """The dense and the compressed model of an int8 setting (random weights: timing only)."""
+    name, size, rule = INT8_SETTINGS[setting]
+    model = timm.create_model(name, img_size=size, num_classes=45, eab=False, ftf=False).eval()
+    shape = model.shape()
+    dense = models.Schedule.dense(shape.depth, shape.num_patches, shape.num_prefix)
+    if rule == 'diffrate 2.9':
+        compressed = vit_s_2_9_schedule()
+    elif rule == 'learned 0.176':
+        compressed = load_schedule(os.path.join(ROOT, 'compression_rate.json'), name, 0.176)
+    else:
+        compressed = models.uniform_schedule(shape, dense.flops(shape) / 2e9, 'merge', 'ratio')
+    nets = {}
+    for label, schedule in (('dense', dense), ('compressed', compressed)):
+        net = copy.deepcopy(model)
+        net.fix_schedule(schedule)
+        nets[label] = net
+    return nets, size
+
+
+def benchmark_int8(args) -> Dict[str, float]:
+    """Dense and compressed graphs in fp32 and in int8 (dynamic and static, as export.py onnx
+    --quantize writes them), timed interleaved in onnxruntime at every --inference-batches and
+    --int8-threads; throughput relative to the dense fp32 graph, and file sizes."""
+    from workflow.onnx_export import export_onnx, onnx_runner
+    from workflow.quantize import QUANTIZATIONS, quantize
+    results = {}
+    for setting in args.int8_settings:
+        nets, size = int8_nets(setting)
+        with tempfile.TemporaryDirectory() as folder:
+            paths, gflops = {}, {}
+            for label, net in nets.items():
+                paths[f'{label} fp32'] = os.path.join(folder, f'{label}.onnx')
+                export_onnx(net, paths[f'{label} fp32'], size, optimize=not args.onnx_no_optimize)
+                gflops[label] = float(net.flops()) / 1e9
+                for mode in QUANTIZATIONS:
+                    paths[f'{label} int8 {mode}'] = os.path.join(folder, f'{label}_{mode}.onnx')
+                    calibration = [torch.randn(8, 3, size, size) for _ in range(4)] if mode == 'static' else None
+                    quantize(paths[f'{label} fp32'], paths[f'{label} int8 {mode}'], mode, {}, calibration)
+            print(f'\nint8: {setting} ({INT8_SETTINGS[setting][0]}, {size} px, compressed: '
+                  f'{INT8_SETTINGS[setting][2]}, {gflops["compressed"]:.3f} of {gflops["dense"]:.3f} GFLOPs)')
+            for name, path in paths.items():
+                megabytes = os.path.getsize(path) / 1e6
+                results[f'int8 {setting} MB {name}'] = megabytes
+                print(f'  {name:26s} {megabytes:7.1f} MB')
+            if args.int8_profile:
+                for name in ('compressed fp32', 'compressed int8 dynamic', 'compressed int8 static'):
+                    shares = operator_shares(paths[name], size, max(args.inference_batches), args.repeats)
+                    results.update({f'int8 {setting} profile {name} {op}': share for op, share in shares.items()})
+                    print(f'  profile of {name}, batch {max(args.inference_batches)}, one thread: ' +
+                          ', '.join(f'{op} {100 * share:.0f}%' for op, share in list(shares.items())[:8]))
+            for threads in args.int8_threads:
+                runners = {name: onnx_runner(path, threads=threads, spin=False) for name, path in paths.items()}
+                for batch in args.inference_batches:
+                    feed = {'images': torch.randn(batch, 3, size, size).numpy()}
+                    cases = {name: (lambda r=runner: r.run(None, feed)) for name, runner in runners.items()}
+                    rounds = measure_rounds(cases, torch.device('cpu'), args.warmup, args.repeats)
+                    print(f'  {threads or "all"} thread(s), batch {batch}: throughput / dense fp32 '
+                          f'(median of the ratios within {args.repeats} rounds, quartiles)')
+                    for name in runners:
+                        middle, low, high = paired_ratio(rounds['dense fp32'], rounds[name])
+                        results[f'int8 {setting} {name} threads {threads} batch {batch}'] = middle
+                        images_per_second = batch / statistics.median(rounds[name])
+                        print(f'    {name:26s} {middle:5.2f}x ({low:.2f}-{high:.2f})  {images_per_second:8.1f} img/s')
+    return results
+
+
+def operator_shares(path: str, size: int, batch: int, runs: int) -> Dict[str, float]:
+    """Share of the time of `runs` runs of a graph (one thread) spent in each operator type,
+    largest first, from onnxruntime's own profile."""
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as folder:
+        options.profile_file_prefix = os.path.join(folder, 'profile')
+        runner = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+        feed = {'images': torch.randn(batch, 3, size, size).numpy()}
+        for _ in range(runs):
+            runner.run(None, feed)
+        with open(runner.end_profiling()) as f:
+            events = json.load(f)
+    per_op: Dict[str, float] = {}
+    for event in events:
+        if event.get('cat') == 'Node' and event['name'].endswith('_kernel_time'):
+            op = event['args']['op_name']
+            per_op[op] = per_op.get(op, 0.0) + event['dur']
+    total = sum(per_op.values())
+    return {op: t / total for op, t in sorted(per_op.items(), key=lambda item: -item[1])}
 
 
 # The ViTs people start from (random weights: timing only), as `sdt2net_<timm name>` builds them.

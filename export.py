@@ -39,7 +39,8 @@ def onnx_command(args) -> int:
         with tempfile.TemporaryDirectory() as folder:
             fp32 = os.path.join(folder, 'fp32.onnx')
             export_onnx(model, fp32, run_args.input_size, metadata, optimize=not args.no_optimize)
-            info = quantize(fp32, args.out, args.quantize, metadata, calibration, transform)
+            images = None if calibration is None else (batch for _, batch in batches(calibration, transform, 16))
+            info = quantize(fp32, args.out, args.quantize, metadata, images)
         print(f'wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB, int8 {args.quantize}: '
               f'{", ".join(info["ops"])} quantized, opset {ONNX_OPSET}, dynamic batch)')
     else:

@@ -13,7 +13,7 @@ import matplotlib
 import torch
 
 from utils import ArgumentParser, error_boundary
-from experiments.eab_knockout import eab_last_conv_rms
+from models.checkpoint import eab_last_conv_rms
 from workflow.runs import load_checkpoint, load_trained_model, model_state, seed_runs
 from workflow.stats import compare_files, summarise
 from workflow.timing import inference, measure

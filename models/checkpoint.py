@@ -1,4 +1,6 @@
-"""Adapting checkpoints (timm/DeiT or SDT2Net) to an SDT2Net model: a pure state_dict function."""
+"""Adapting checkpoints (timm/DeiT or SDT2Net) to an SDT2Net model, and reading or knocking out a
+trained EAB: pure state_dict functions."""
+import re
 from typing import Dict
 
 import torch
@@ -49,3 +51,26 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
     if not any(k.startswith('blocks.') for k in adapted):
         raise ValueError('checkpoint holds no transformer block weights of this model')
     return adapted
+
+
+# the last (zero-started) 1x1 convolution of each shift-conv module: blocks.<i>.eab.<scm>.reduce.*
+EAB_LAST_CONV = re.compile(r'^(?:module\.)?blocks\.(\d+)\.eab\.\w+\.reduce\.(weight|bias)$')
+
+
+def eab_last_conv_rms(weights: Dict[str, torch.Tensor]) -> Dict[int, float]:
+    """Per block, the root mean square of its EAB's last convolution weights (0 at the start)."""
+    squares: Dict[int, list] = {}
+    for name, tensor in weights.items():
+        match = EAB_LAST_CONV.match(name)
+        if match and match.group(2) == 'weight':
+            squares.setdefault(int(match.group(1)), []).append(tensor.float().pow(2).flatten())
+    return {block: torch.cat(parts).mean().sqrt().item() for block, parts in sorted(squares.items())}
+
+
+def without_eab(weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The weights with every EAB's last convolution (weights and biases) at zero: each EAB is the
+    identity again, as at the start of fine-tuning. ValueError for weights without EAB."""
+    names = [name for name in weights if EAB_LAST_CONV.match(name)]
+    if not names:
+        raise ValueError('it has no EAB (a model trained with --no-eab?)')
+    return {**weights, **{name: torch.zeros_like(weights[name]) for name in names}}

@@ -43,8 +43,6 @@ def unsupported_vit(kwargs: Dict) -> str:
                 f'attention-pooling head with proportional attention (token, avg, map)')
     if pool == 'token' and not class_token:
         return 'global_pool=token without a class token (class_token=False)'
-    if kwargs.get('importance') == 'class' and not class_token:
-        return 'importance=class needs a class token (class_token=False): rank by received attention'
     if kwargs.get('distilled') and (pool != 'token' or not class_token):
         return 'a distilled model pools by its class and distillation tokens (global_pool=token)'
     if kwargs.get('pool_include_prefix'):
@@ -224,21 +222,18 @@ class SDT2Net(VisionTransformer):
                  merge_rule: str = 'size-weighted', importance: Optional[str] = None, distilled: bool = False,
                  **kwargs) -> None:
         kwargs.setdefault('global_pool', 'token')
-        problem = unsupported_vit(dict(kwargs, distilled=distilled, importance=importance))
+        problem = unsupported_vit(dict(kwargs, distilled=distilled))
         if problem:
             raise ValueError(f'SDT2Net cannot be built from this VisionTransformer: {problem}')
         if merge_rule not in MERGE_RULES:
             raise ValueError(f'merge_rule must be one of {MERGE_RULES}, got {merge_rule!r}')
-        if importance is None:
-            importance = 'class' if kwargs.get('class_token', True) else 'received'
-        if importance not in IMPORTANCES:
-            raise ValueError(f'importance must be one of {IMPORTANCES}, got {importance!r}')
         kwargs.pop('block_fn', None)  # timm's Block (checked above), which SDT2NetBlock extends
         block_fn = partial(SDT2NetBlock, eab=eab, eab_ratio=eab_ratio, eab_groups=eab_groups,
-                           eab_shift=eab_shift, eab_shared=eab_shared, merge_rule=merge_rule, importance=importance)
+                           eab_shift=eab_shift, eab_shared=eab_shared, merge_rule=merge_rule)
         super().__init__(block_fn=block_fn, **kwargs)
         self.has_eab, self.eab_ratio = eab, eab_ratio
-        self.eab_groups, self.importance = eab_groups, importance
+        self.eab_groups = eab_groups
+        self.rank_by(importance or ('class' if self.has_class_token else 'received'))
         num_patches = self.patch_embed.num_patches
         self.dist_token = self.head_dist = None
         if distilled:  # class token, distillation token, patches (timm's VisionTransformerDistilled)
@@ -288,6 +283,17 @@ class SDT2Net(VisionTransformer):
             self.rates.release()
         else:
             self.rates.fix(schedule)
+
+    def rank_by(self, importance: str) -> None:
+        """How every block ranks the patches before compressing (IMPORTANCES): a choice of
+        evaluation as much as of training, so it can change on a trained model."""
+        if importance not in IMPORTANCES:
+            raise ValueError(f'importance must be one of {IMPORTANCES}, got {importance!r}')
+        if importance == 'class' and not self.has_class_token:
+            raise ValueError('importance=class needs a class token: rank by received attention')
+        self.importance = importance
+        for block in self.blocks:
+            block.importance = importance
 
     @property
     def schedule_is_fixed(self) -> bool:

@@ -336,3 +336,19 @@ def test_make_splits_numbers_and_odd_sources(world, ratio, seed, extra):
     assert_clean_outcome(make_splits.main, ['--source', source, '--dest', source.parent / 'splits',
                                             '--train-ratio', ratio, '--seed', seed], world)
 
+
+
+@given(data=st.data())
+def test_export_quantized_with_bad_calibration(world, data):
+    """--quantize static with no calibration folder, a folder of other or missing classes, or a
+    count below one: refused before anything is exported."""
+    folder = fresh(world, 'calibration')
+    classes = data.draw(st.lists(st.sampled_from(['forest', 'harbor', 'river', 'beach', 'desert']), unique=True,
+                                 max_size=4).filter(lambda c: sorted(c) != ['forest', 'harbor', 'river']))
+    make_image_folder(folder, classes=tuple(classes), train=1, val=0, size=16) if classes else folder.mkdir()
+    flags = data.draw(st.sampled_from([[], ['--calibration', folder / 'train'], ['--calibration', folder]]))
+    count = data.draw(st.one_of(st.just([]), numbers.map(lambda n: ['--calibration-images', n])))
+    target = folder.parent / 'int8.onnx'
+    code, _ = assert_clean_outcome(export.main, ['onnx', world['run'] / 'model_best.pth', target, '--quantize',
+                                                 'static'] + flags + count, world)
+    assert code != 0 and not target.exists()

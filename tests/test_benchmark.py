@@ -69,3 +69,20 @@ def test_vits_part_reports_compression_on_the_vits_people_start_from(tmp_path):
         for runtime in runtimes:
             value = results[f'vits {setting} {runtime} speedup/flops-ratio batch 2']
             assert math.isfinite(value) and value > 0
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ('onnx', 'onnxruntime', 'onnxscript')),
+                    reason='optional packages of requirements-export.txt not installed')
+def test_int8_part_reports_every_row_against_the_dense_fp32_graph(tmp_path):
+    report = tmp_path / 'bench.json'
+    subprocess.run([sys.executable, 'benchmark.py', '--parts', 'int8', '--int8-settings', 'tiny', '--int8-threads', '1',
+                    '--onnx-no-optimize', '--inference-batches', '2', '--repeats', '1', '--warmup', '0',
+                    '--json', str(report)], cwd=ROOT, check=True, capture_output=True)
+    results = json.loads(report.read_text())
+    for graph in ('dense fp32', 'dense int8 dynamic', 'dense int8 static', 'compressed fp32',
+                  'compressed int8 dynamic', 'compressed int8 static'):
+        value = results[f'int8 tiny {graph} threads 1 batch 2']
+        assert math.isfinite(value) and value > 0
+        assert results[f'int8 tiny MB {graph}'] > 0
+    assert results['int8 tiny dense fp32 threads 1 batch 2'] == 1.0
+    assert results['int8 tiny MB dense int8 dynamic'] < 0.5 * results['int8 tiny MB dense fp32']

@@ -5,6 +5,7 @@ import torch
 
 from conftest import small_sdt2net
 from experiments import eab_knockout
+from models.checkpoint import EAB_LAST_CONV, eab_last_conv_rms
 
 
 def test_knocked_out_checkpoint_computes_the_network_without_eab(tmp_path, capsys):
@@ -26,11 +27,11 @@ def test_knocked_out_checkpoint_computes_the_network_without_eab(tmp_path, capsy
         assert torch.allclose(knocked(images), without_eab(images), atol=1e-5)
         assert not torch.allclose(trained(images), knocked(images), atol=1e-3)  # the EABs carried something
     changed = {name for name, value in trained.state_dict().items() if not torch.equal(value, copy['model'][name])}
-    assert changed and all(eab_knockout.EAB_LAST_CONV.match(name) for name in changed)
+    assert changed and all(EAB_LAST_CONV.match(name) for name in changed)
 
-    rms = eab_knockout.eab_last_conv_rms(trained.state_dict())
+    rms = eab_last_conv_rms(trained.state_dict())
     assert sorted(rms) == list(range(len(trained.blocks))) and all(v > 0.05 for v in rms.values())
-    assert set(eab_knockout.eab_last_conv_rms(copy['model']).values()) == {0.0}
+    assert set(eab_last_conv_rms(copy['model']).values()) == {0.0}
 
 
 @pytest.mark.parametrize('same_path', [False, True])

@@ -167,7 +167,7 @@ def test_attention_pooling_counts_a_merged_token_as_the_tokens_it_holds(family):
     """ToMe's proportional attention in the pooling head: one token of size 3 pools exactly as
     three copies of it; a masked token (training) is ignored as if removed."""
     model = models.from_vit(timm_vit(family), eab=False, ftf=False).eval()
-    pool, prefix = model.attn_pool, model.num_prefix_tokens
+    prefix = model.num_prefix_tokens
     a, b = torch.randn(2, 1, model.embed_dim), torch.randn(2, 1, model.embed_dim)
     prefix_tokens = torch.randn(2, prefix, model.embed_dim)
     merged = torch.cat([prefix_tokens, a, b], dim=1)

@@ -14,11 +14,12 @@ import json
 import os
 import random
 import tempfile
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
+import torch
 
-from datasets import batches, collect_images, list_classes
+from datasets import collect_images, list_classes
 from utils import UserError, atomic_write
 
 QUANTIZATIONS = ('dynamic', 'static')
@@ -39,28 +40,31 @@ def calibration_images(folder: str, class_names: List[str], count: int, seed: in
     return sorted(random.Random(seed).sample(paths, min(count, len(paths))))
 
 
-class _ImageReader:
-    """onnxruntime's CalibrationDataReader protocol over preprocessed image batches."""
+class _BatchReader:
+    """onnxruntime's CalibrationDataReader protocol over image batches [b, 3, H, W]; counts them."""
 
-    def __init__(self, paths: List[str], transform, batch_size: int) -> None:
-        self._batches: Iterator = (images.numpy() for _, images in batches(paths, transform, batch_size))
+    def __init__(self, batches: Iterable[torch.Tensor]) -> None:
+        self._batches, self.images = iter(batches), 0
 
     def get_next(self) -> Optional[Dict[str, np.ndarray]]:
         images = next(self._batches, None)
-        return None if images is None else {'images': images}
+        if images is None:
+            return None
+        self.images += images.shape[0]
+        return {'images': images.float().numpy()}
 
 
 def quantize(fp32_path: str, out_path: str, mode: str, metadata: Dict[str, str],
-             calibration: Optional[List[str]] = None, transform=None, batch_size: int = 16) -> Dict[str, object]:
-    """Write the int8 graph of `fp32_path` to `out_path` (atomically); returns what goes into the
-    `quantization` metadata entry. calibration: image paths (static only), read with `transform`."""
+             calibration: Optional[Iterable[torch.Tensor]] = None) -> Dict[str, object]:
+    """Write the int8 graph of `fp32_path` to `out_path` (atomically) with `metadata`; returns what
+    goes into its `quantization` entry. calibration: preprocessed image batches (static only)."""
     import onnx
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
     if mode not in QUANTIZATIONS:
         raise UserError(f'--quantize must be one of {", ".join(QUANTIZATIONS)}, got {mode!r}')
-    if mode == 'static' and not calibration:
+    if mode == 'static' and calibration is None:
         raise UserError('--quantize static needs calibration images: --calibration DATA/train')
     info: Dict[str, object] = {'mode': mode, 'tool': 'onnxruntime.quantization', 'ops': QUANTIZED_OPS,
                                'weights': 'int8 per channel', 'float': 'every other operator'}
@@ -74,11 +78,11 @@ def quantize(fp32_path: str, out_path: str, mode: str, metadata: Dict[str, str],
                              weight_type=QuantType.QInt8)
             info['activations'] = 'uint8, scales per batch at run time'
         else:
-            quantize_static(prepared, quantized, _ImageReader(calibration, transform, batch_size),
-                            quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax)
-            info.update(activations='uint8, scales calibrated (min-max)', calibration_images=len(calibration))
+            reader = _BatchReader(calibration)
+            quantize_static(prepared, quantized, reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=QUANTIZED_OPS, per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+            info.update(activations='uint8, scales calibrated (min-max)', calibration_images=reader.images)
         graph = onnx.load(quantized)
     del graph.metadata_props[:]
     for key, value in dict(metadata, quantization=json.dumps(info)).items():

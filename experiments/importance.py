@@ -1,0 +1,91 @@
+"""Which ranking of the patches keeps the most accuracy when a fixed schedule removes tokens: the
+class token's attention (DTC's), the attention each patch receives averaged over queries and heads
+(the ranking of ViTs without a class token), or a random one (the floor), on the same trained
+weights and images; each against the others as paired differences with 95% intervals.
+
+    python -m experiments.importance CHECKPOINT --data-path DATA [--split val] [--target_flops G]
+"""
+import json
+import sys
+from typing import Dict
+
+import numpy as np
+import torch
+
+import models
+from datasets import batches, build_transform, collect_images, list_classes
+from utils import ArgumentParser, UserError, error_boundary
+from workflow.runs import load_trained_model
+from workflow.stats import paired_comparison
+
+
+def correct_per_image(model: models.SDT2Net, images, labels: np.ndarray) -> np.ndarray:
+    """[N] booleans: top-1 right on each image."""
+    predictions = []
+    with torch.no_grad():
+        for batch in images:
+            predictions.append(model(batch).argmax(-1).numpy())
+    return np.concatenate(predictions) == labels
+
+
+def random_ranking(model: models.SDT2Net, seed: int):
+    """Forward hooks that replace every block's ranking by uniform noise (seeded); their handles."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def hook(module, inputs, output):
+        out, ranking = output
+        return out, None if ranking is None else torch.rand(ranking.shape, generator=generator)
+    return [block.attn.register_forward_hook(hook) for block in model.blocks]
+
+
+@error_boundary
+def main(argv=None) -> int:
+    parser = ArgumentParser(prog='importance.py', description=__doc__.splitlines()[0])
+    parser.add_argument('checkpoint', help='a trained checkpoint written by main.py')
+    parser.add_argument('--data-path', required=True, help='ImageFolder root with the split below')
+    parser.add_argument('--split', default='val')
+    parser.add_argument('--target_flops', type=float, required=True,
+                        help='GFLOPs of the same-fraction schedules (prune-only and merge-only) compared')
+    parser.add_argument('--batch-size', type=int, default=64)
+    parser.add_argument('--out', default='', help='also write the results here (JSON)')
+    args = parser.parse_args(argv)
+    model, run_args = load_trained_model(args.checkpoint)
+    classes = list_classes(f'{args.data_path}/{args.split}')
+    if classes != model.class_names:
+        raise UserError(f'{args.data_path}/{args.split} holds other classes than the model')
+    paths = collect_images([f'{args.data_path}/{args.split}'])
+    labels = np.array([classes.index(path.split('/')[-2]) for path in paths])
+    images = [batch for _, batch in batches(paths, build_transform(False, run_args), args.batch_size)]
+    rankings = ['class', 'received', 'random'] if model.has_class_token else ['received', 'random']
+    results: Dict[str, Dict] = {}
+    for mode in ('prune', 'merge'):
+        try:
+            schedule = models.uniform_schedule(model.shape(), args.target_flops, mode, 'ratio')
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        model.fix_schedule(schedule)
+        correct = {}
+        for ranking in rankings:
+            model.rank_by('received' if ranking == 'random' else ranking)
+            hooks = random_ranking(model, seed=0) if ranking == 'random' else []
+            correct[ranking] = correct_per_image(model, images, labels)
+            for handle in hooks:
+                handle.remove()
+        row = {'gflops': schedule.flops(model.shape()) / 1e9, 'top1': {r: 100 * c.mean() for r, c in correct.items()}}
+        for a in rankings:
+            for b in rankings[rankings.index(a) + 1:]:
+                row[f'{a} - {b}'] = paired_comparison(correct[a], correct[b])
+        results[mode] = row
+        print(f'{mode}-only, same fraction per block, {row["gflops"]:.3f} GFLOPs, {len(paths)} images of '
+              f'{args.split}/: ' + ', '.join(f'{r} {v:.2f}%' for r, v in row['top1'].items()))
+        for key, value in row.items():
+            if ' - ' in key:
+                print(f'  {key}: {value["difference"]:+.2f} [{value["ci_low"]:+.2f}, {value["ci_high"]:+.2f}]')
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""experiments/importance.py: the rankings it compares are the ones it names (a random ranking
+changes which tokens go, the class token's and the received attention are the model's own)."""
+import json
+
+import numpy as np
+import torch
+
+import main as entry
+from experiments import importance
+from models.token_ops import TokenState
+from test_pipeline import FAST, MODEL, make_image_folder
+from workflow.runs import load_trained_model
+
+
+def test_compares_the_rankings_on_the_same_images(tmp_path, capsys):
+    data, out = make_image_folder(tmp_path / 'data', val=3), tmp_path / 'run'
+    assert entry.run([str(a) for a in ['--data-path', data, '--model', MODEL, '--fixed-schedule', 'dense',
+                                       '--target_flops', '0.07', '--epochs', '1', '--output_dir', out, '--no-eab']
+                      + FAST]) == 0
+    report = tmp_path / 'importance.json'
+    assert importance.main([str(out / 'checkpoint.pth'), '--data-path', str(data), '--target_flops', '0.05',
+                            '--out', str(report)]) == 0
+    results = json.loads(report.read_text())
+    for mode in ('prune', 'merge'):
+        assert set(results[mode]['top1']) == {'class', 'received', 'random'}
+        assert results[mode]['class - random']['images'] == 9
+    # the random hooks replace the ranking each block computes, and are removed afterwards
+    model, _ = load_trained_model(str(out / 'checkpoint.pth'))
+    x = torch.randn(2, model.patch_embed.num_patches + 1, model.embed_dim)
+    state = TokenState(alive=x.shape[1], grid_size=tuple(model.patch_embed.grid_size))
+    with torch.no_grad():
+        own = model.blocks[1].attn(x, state, importance='class')[1]
+        handles = importance.random_ranking(model, seed=0)
+        noise = model.blocks[1].attn(x, state, importance='class')[1]
+        for handle in handles:
+            handle.remove()
+        again = model.blocks[1].attn(x, state, importance='class')[1]
+    assert not torch.allclose(own, noise) and torch.equal(own, again) and np.all(noise.numpy() < 1)
