@@ -32,8 +32,8 @@ from utils import (ArgumentParser, NonFiniteError, ReplicasDisagreeError, UserEr
                    atomic_write_text, check_replicas_agree, error_boundary, error_line, get_world_size,
                    init_distributed, is_distributed, is_main_process, seed_everything, set_rng_state, unwrap)
 from workflow.run_schedule import FIXED_SCHEDULES, SCHEDULE_VARIANTS, resolve_schedule, start_search
-from workflow.runs import (OutputFolder, create_model, load_checkpoint, load_resumed_model, load_weights, save_epoch,
-                           write_per_class, write_predictions)
+from workflow.runs import (OutputFolder, create_model, file_schedule, load_checkpoint, load_resumed_model, load_weights,
+                           save_epoch, write_per_class, write_predictions)
 from workflow.schedule_file import DEFAULT_FILE
 
 
@@ -121,8 +121,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--fixed-schedule', default='', choices=('',) + FIXED_SCHEDULES,
                    help='train or evaluate under a hand-set schedule: dense (every token), uniform (ToMe: the '
                         'same number merged in every block), uniform-prune (the same number pruned), geometric '
-                        '(the same fraction merged in every block; reaches budgets below half the dense FLOPs) or '
-                        'geometric-prune, at --target_flops')
+                        '(the same fraction merged in every block; reaches budgets below half the dense FLOPs), '
+                        'geometric-prune, or backloaded (--dense-blocks blocks keep every token, then the same '
+                        'fraction merged per block: the shape searches learn), at --target_flops')
+    g.add_argument('--dense-blocks', type=int, default=4,
+                   help='--fixed-schedule backloaded: blocks after the first that keep every token')
     g.add_argument('--schedule-variant', default='as-is', choices=SCHEDULE_VARIANTS,
                    help='use a fixed schedule as it is, or its prune-only / merge-only form (same token counts)')
 
@@ -194,7 +197,7 @@ NUMERIC_RANGES = {
     'input_size': (32, 1024), 'num_workers': (0, 64), 'threads': (0, 1024), 'drop': (0, 1), 'drop_path': (0, 1),
     'eab_ratio': (0.01, 64), 'eab_groups': (1, 4096), 'eab_shift': (1, 64), 'model_ema_decay': (0, 1),
     'target_flops': (0, None), 'search_start_flops': (0, None), 'anneal_epochs': (0, None), 'flops_lambda': (0, None),
-    'granularity': (1, None), 'arch_lr': (0, None), 'arch_min_lr': (0, None), 'batch_size': (1, None),
+    'granularity': (1, None), 'dense_blocks': (0, 1024), 'arch_lr': (0, None), 'arch_min_lr': (0, None), 'batch_size': (1, None),
     'epochs': (1, None), 'opt_eps': (0, None), 'opt_betas': (0, 1), 'momentum': (0, 1), 'weight_decay': (0, None),
     'clip_grad': (0, None), 'lr': (0, None), 'added_lr_scale': (0, 1000), 'lr_noise': (0, None),
     'warmup_lr': (0, None), 'min_lr': (0, None),
@@ -417,7 +420,7 @@ def main(args, cleanup: contextlib.ExitStack) -> None:
         raise UserError(f'the training split has {len(train_set)} images, fewer than one batch of {args.batch_size}')
 
     print(f'{search_mode} training for {args.epochs} epochs from epoch {start_epoch}')
-    start = time.time()
+    start, filing = time.time(), None
     for epoch in range(start_epoch, args.epochs):
         train_sampler.set_epoch(epoch)
         for scheduler in schedulers.values():
@@ -441,24 +444,28 @@ def main(args, cleanup: contextlib.ExitStack) -> None:
             ema_stats = evaluate(model_ema.module, val_loader, len(val_loader), num_classes, device, precision,
                                  reduce=reduce, print_freq=args.print_freq)
             test_stats.update(ema_acc1=ema_stats['acc1'], ema_kappa=ema_stats['kappa'])
-        schedule = core.schedule()
+        schedule, filing = core.schedule(), file_schedule(core, args.target_flops)
         is_best = test_stats['acc1'] > best_acc
         best_acc = max(best_acc, test_stats['acc1'])
         print(f'epoch {epoch}: top-1 {test_stats["acc1"]:.2f}% (best {best_acc:.2f}%), kappa '
               f'{test_stats["kappa"]:.4f}, GFLOPs {train_stats["gflops"]:.3f}, prune kept {list(schedule.prune)}, '
               f'merge kept {list(schedule.merge)}'
               + (f', EMA top-1 {test_stats["ema_acc1"]:.2f}%' if model_ema is not None else ''))
+        if filing.note:
+            print(filing.note)
         if args.output_dir and is_main_process():
             summary = {k: v for k, v in test_stats.items() if isinstance(v, float)}
             save_epoch(args, core, optimizers, schedulers, precision, model_ema, epoch, best_acc, is_best,
-                       class_names, run_id, summary, anneal_from)
+                       class_names, run_id, summary, anneal_from, filing)
             record = {'run_id': run_id, **{f'train_{k}': v for k, v in train_stats.items()},
                       **{f'test_{k}': v for k, v in test_stats.items()
                          if k != 'confusion_matrix' and not k.startswith('per_class')},
                       'epoch': epoch, 'n_parameters': n_parameters, 'prune_kept_num': list(schedule.prune),
                       'merge_kept_num': list(schedule.merge)}
             append_json_line(record, os.path.join(args.output_dir, 'log.txt'))
-    print(f'training time {time.time() - start:.0f}s; outputs in {args.output_dir or "(no --output_dir)"}')
+    filed = '' if filing is None else (f'; schedule filed under {filing.key:g} GFLOPs at '
+                                       f'{filing.provenance["gflops"]:.4f} for --target_flops {args.target_flops}')
+    print(f'training time {time.time() - start:.0f}s; outputs in {args.output_dir or "(no --output_dir)"}{filed}')
 
 
 def describe_model(model: models.SDT2Net, args, device, precision, gflops_dense: float) -> Dict:

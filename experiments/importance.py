@@ -9,23 +9,13 @@ import json
 import sys
 from typing import Dict
 
-import numpy as np
 import torch
 
 import models
-from datasets import batches, build_transform, collect_images, list_classes
+from datasets import build_transform
 from utils import ArgumentParser, UserError, error_boundary
 from workflow.runs import load_trained_model
-from workflow.stats import paired_comparison
-
-
-def correct_per_image(model: models.SDT2Net, images, labels: np.ndarray) -> np.ndarray:
-    """[N] booleans: top-1 right on each image."""
-    predictions = []
-    with torch.no_grad():
-        for batch in images:
-            predictions.append(model(batch).argmax(-1).numpy())
-    return np.concatenate(predictions) == labels
+from workflow.stats import correct_on_split, paired_comparison
 
 
 def random_ranking(model: models.SDT2Net, seed: int):
@@ -50,12 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument('--out', default='', help='also write the results here (JSON)')
     args = parser.parse_args(argv)
     model, run_args = load_trained_model(args.checkpoint)
-    classes = list_classes(f'{args.data_path}/{args.split}')
-    if classes != model.class_names:
-        raise UserError(f'{args.data_path}/{args.split} holds other classes than the model')
-    paths = collect_images([f'{args.data_path}/{args.split}'])
-    labels = np.array([classes.index(path.split('/')[-2]) for path in paths])
-    images = [batch for _, batch in batches(paths, build_transform(False, run_args), args.batch_size)]
+    split, transform = f'{args.data_path}/{args.split}', build_transform(False, run_args)
     rankings = ['class', 'received', 'random'] if model.has_class_token else ['received', 'random']
     results: Dict[str, Dict] = {}
     for mode in ('prune', 'merge'):
@@ -68,7 +53,7 @@ def main(argv=None) -> int:
         for ranking in rankings:
             model.rank_by('received' if ranking == 'random' else ranking)
             hooks = random_ranking(model, seed=0) if ranking == 'random' else []
-            correct[ranking] = correct_per_image(model, images, labels)
+            paths, correct[ranking] = correct_on_split(model, split, model.class_names, transform, args.batch_size)
             for handle in hooks:
                 handle.remove()
         row = {'gflops': schedule.flops(model.shape()) / 1e9, 'top1': {r: 100 * c.mean() for r, c in correct.items()}}

@@ -128,38 +128,89 @@ def flops_range(shape: ModelShape, granularity: int) -> Tuple[float, float]:
     return smallest_schedule(shape, granularity).flops(shape) / 1e9, dense / 1e9
 
 
-def uniform_schedule(shape: ModelShape, target_flops: float, mode: str = 'merge', spacing: str = 'count') -> Schedule:
+def uniform_schedule(shape: ModelShape, target_flops: float, mode: str = 'merge', spacing: str = 'count',
+                     dense_blocks: int = 0) -> Schedule:
     """A hand-set schedule at the FLOPs closest to `target_flops` that removes tokens evenly over
     the blocks after the first, by merging (mode 'merge') or by pruning the least attended
     ('prune'). spacing 'count': the same number r of tokens in every block (ToMe's schedule; it
     cannot go below about half the dense FLOPs, where r empties the last block); 'ratio': the
-    same fraction of the patch tokens in every block (geometric, reaches every budget). The
-    parameter is found by bisection and the counts rounded per block.
+    same fraction of the patch tokens in every block (geometric, reaches every budget).
+    dense_blocks: that many blocks after the first keep every token before the removals start
+    (the back-loaded family: the shape the search learns on a pretrained backbone). The parameter
+    is found by bisection and the counts rounded per block.
     """
     if mode not in ('merge', 'prune'):
         raise ValueError(f'mode must be merge or prune, got {mode!r}')
     if spacing not in ('count', 'ratio'):
         raise ValueError(f'spacing must be count or ratio, got {spacing!r}')
     full, depth, prefix = shape.num_patches + shape.num_prefix, shape.depth, shape.num_prefix
+    if not 0 <= dense_blocks <= depth - 2:
+        raise ValueError(f'dense_blocks must lie in [0, {depth - 2}] (blocks after the first that keep every token, '
+                         f'one block left to compress), got {dense_blocks}')
 
     def schedule(r: float) -> Schedule:
         """r: tokens removed per block (count) or the fraction of patches removed per block (ratio)."""
+        steps = [max(0, block - dense_blocks) for block in range(depth)]  # removal steps done by each block
         if spacing == 'count':
-            after = [full] + [max(prefix + 1, round(full - r * block)) for block in range(1, depth)]
+            after = [max(prefix + 1, round(full - r * step)) for step in steps]
         else:
-            after = [full] + [max(prefix + 1, prefix + round(shape.num_patches * (1 - r) ** block))
-                              for block in range(1, depth)]
+            after = [max(prefix + 1, prefix + round(shape.num_patches * (1 - r) ** step)) for step in steps]
         before = after if mode == 'prune' else [full] + after[:-1]
         return Schedule(before, after)
 
     def gflops(r: float) -> float:
         return schedule(r).flops(shape) / 1e9
 
-    low, high = 0.0, (full / (depth - 1) if spacing == 'count' else 1.0)
+    low, high = 0.0, (full / (depth - 1 - dense_blocks) if spacing == 'count' else 1.0)
     if not gflops(high) <= target_flops <= gflops(low):
-        raise ValueError(f'no uniform {mode} schedule with the same {spacing} per block reaches {target_flops} '
-                         f'GFLOPs (range [{gflops(high):.3f}, {gflops(low):.3f}])')
+        kind = f'uniform {mode} schedule with the same {spacing} per block' + \
+            (f' after {dense_blocks} dense blocks' if dense_blocks else '')
+        raise ValueError(f'no {kind} reaches {target_flops} GFLOPs (range [{gflops(high):.3f}, {gflops(low):.3f}])')
     for _ in range(40):
         middle = (low + high) / 2
         low, high = (middle, high) if gflops(middle) > target_flops else (low, middle)
     return schedule(min((low, high), key=lambda r: abs(gflops(r) - target_flops)))
+
+
+BUDGET_TOLERANCE = 0.02  # a searched schedule lands at or below its budget and within 2% of it
+
+
+def onto_budget(schedule: Schedule, shape: ModelShape, target_flops: float,
+                tolerance: float = BUDGET_TOLERANCE) -> Schedule:
+    """`schedule` brought onto `target_flops` GFLOPs keeping its shape: every count's fraction f of
+    the patches raised to one power b (f ** b; blocks that keep every patch still do, the order of
+    the removals and their relative steepness stay: log f scales by b), b found by bisection so
+    that the FLOPs are at or below the target, then single tokens added block by block while the
+    budget holds (blocks of equal fraction move together under a power). Returned
+    unchanged when its FLOPs already lie in [(1 - tolerance) * target, target]. ValueError when no
+    power reaches the target (the blocks that keep every patch cost more than it).
+    """
+    prefix, patches = shape.num_prefix, shape.num_patches
+
+    def powered(b: float) -> Schedule:
+        def counts(kept):
+            return [prefix + max(1, round(patches * ((c - prefix) / patches) ** b)) for c in kept]
+        return Schedule(counts(schedule.prune), counts(schedule.merge)).running_min()
+
+    def gflops(candidate: Schedule) -> float:
+        return candidate.flops(shape) / 1e9
+
+    if (1 - tolerance) * target_flops <= gflops(schedule) <= target_flops:
+        return schedule
+    low, high = -12.0, 12.0  # log2 of b: from nearly every patch kept to one patch where f < 1
+    if gflops(powered(2 ** high)) > target_flops:
+        raise ValueError(f'no power of its kept fractions brings it below {gflops(powered(2 ** high)):.4f} GFLOPs')
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if gflops(powered(2 ** middle)) > target_flops else (low, middle)
+    fitted = powered(2 ** high)
+    # whole tokens: a power moves blocks of equal fraction together; one more token in a block,
+    # block by block, where the order allows and the budget still holds
+    prune, merge = list(fitted.prune), list(fitted.merge)
+    for block in range(1, fitted.depth):
+        if prune[block] + 1 <= merge[block - 1] and gflops(fitted) < (1 - tolerance) * target_flops:
+            candidate = Schedule(prune[:block] + [prune[block] + 1] + prune[block + 1:],
+                                 merge[:block] + [merge[block] + 1] + merge[block + 1:])
+            if gflops(candidate) <= target_flops:
+                fitted, prune, merge = candidate, list(candidate.prune), list(candidate.merge)
+    return fitted

@@ -261,6 +261,51 @@ def test_uniform_schedules_remove_evenly_and_meet_the_target(mode, spacing):
     assert model.schedule() == schedule
 
 
+def test_backloaded_schedule_keeps_every_token_then_merges_the_same_fraction():
+    """DeiT-Tiny at 112 px (49 patches), 2 dense blocks at 0.145 GFLOPs: blocks 0-2 keep all 50
+    tokens, blocks 3-11 merge the same fraction of the patches present (about 27%), the FLOPs meet
+    the budget; without dense blocks it is the geometric schedule."""
+    shape = timm.create_model('sdt2net_tiny_patch16_224', img_size=112, num_classes=45, eab=False, ftf=False).shape()
+    schedule = models.uniform_schedule(shape, 0.145, 'merge', 'ratio', dense_blocks=2)
+    assert schedule.merge[:3] == (50,) * 3 and schedule.prune[:4] == (50,) * 4 and not any(schedule.pruned_tokens())
+    assert schedule.merge == (50, 50, 50, 37, 27, 20, 15, 11, 8, 6, 5, 4)
+    assert abs(schedule.flops(shape) / 1e9 - 0.145) / 0.145 < 0.01
+    assert models.uniform_schedule(shape, 0.145, 'merge', 'ratio', 0) == \
+        models.uniform_schedule(shape, 0.145, 'merge', 'ratio')
+    with pytest.raises(ValueError, match='after 10 dense blocks'):
+        models.uniform_schedule(shape, 0.1, 'merge', 'ratio', dense_blocks=10)
+    with pytest.raises(ValueError, match='dense_blocks'):
+        models.uniform_schedule(shape, 0.2, 'merge', 'ratio', dense_blocks=11)
+
+
+LEARNED = models.Schedule([50, 49, 49, 48, 47, 44, 28, 27, 21, 12, 7, 4], [50, 49, 48, 46, 43, 27, 26, 20, 11, 7, 4, 2])
+
+
+@pytest.mark.parametrize('target', [0.23, 0.185, 0.145, 0.115])
+def test_a_learned_schedule_is_brought_onto_its_budget_keeping_its_shape(target):
+    """At or below the budget and within 2%; blocks that kept every patch still do, every block
+    keeps no more than before when the budget is lower, the order of the blocks' counts is kept."""
+    shape = timm.create_model('sdt2net_tiny_patch16_224', img_size=112, num_classes=45, eab=False, ftf=False).shape()
+    fitted = models.onto_budget(LEARNED, shape, target)
+    gflops = fitted.flops(shape) / 1e9
+    assert (1 - models.BUDGET_TOLERANCE) * target <= gflops <= target, gflops
+    fitted.check(12, 49, 1)
+    assert fitted.merge[0] == 50
+    lower = LEARNED.flops(shape) / 1e9 > target
+    for before, after in zip(LEARNED.merge, fitted.merge):
+        assert (after <= before + 1) if lower else (after >= before)
+    ranks = sorted(range(12), key=lambda i: -LEARNED.merge[i])
+    assert all(fitted.merge[ranks[i]] >= fitted.merge[ranks[i + 1]] for i in range(11))
+    assert models.onto_budget(fitted, shape, target) == fitted  # already on the budget: unchanged
+
+
+def test_a_schedule_that_no_power_brings_onto_the_budget_is_refused():
+    shape = timm.create_model('sdt2net_tiny_patch16_224', img_size=112, num_classes=45, eab=False, ftf=False).shape()
+    dense = models.Schedule.dense(12, 49, 1)
+    with pytest.raises(ValueError, match='below'):
+        models.onto_budget(dense, shape, 0.2)
+
+
 class HostDeviceSyncs(TorchDispatchMode):
     """Records operators that would stall a GPU: host reads of tensor values (item, int, bool),
     nonzero and boolean-mask indexing (their output size lives on the device), and tensors

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import main as entry
+import models
 import utils
 import visualize
 from conftest import REFERENCE_SCHEDULES, ROOT, small_sdt2net
@@ -57,7 +58,14 @@ def test_search_export_and_reload_gives_same_schedule_and_flops(tmp_path, capsys
         assert (out / name).is_file()
     schedule = load_schedule(str(out / 'compression_rate.json'), MODEL, float(TARGET))
     prune, merge = list(schedule.prune), list(schedule.merge)
-    assert (prune, merge) == (log[-1]['prune_kept_num'], log[-1]['merge_kept_num'])
+    # filed under the budget: the learned counts brought onto it (at or below, within 2%), with
+    # the budget, the FLOPs reached and the learned counts in the entry; the log says so
+    stored = json.load(open(out / 'compression_rate.json'))[MODEL][TARGET]
+    assert stored['target_flops'] == float(TARGET)
+    assert (1 - models.BUDGET_TOLERANCE) * float(TARGET) <= stored['gflops'] <= float(TARGET)
+    assert (stored['learned']['prune_kept_num'], stored['learned']['merge_kept_num']) == \
+        (log[-1]['prune_kept_num'], log[-1]['merge_kept_num'])
+    assert f'for --target_flops {TARGET}' in stdout.strip().splitlines()[-1]
     checkpoint = torch.load(out / 'checkpoint.pth', weights_only=True)
     assert checkpoint['epoch'] == 1
 
@@ -437,3 +445,18 @@ def test_added_lr_scale_moves_eab_and_ftf_that_much_faster(scale):
     assert max(moves['added']) == pytest.approx(0.01 * scale, rel=1e-3)
     names = {name for name, p in model.named_parameters() if id(p) in added}
     assert names and all('.eab.' in name or name.startswith('ftf.') for name in names)
+
+
+def test_backloaded_schedule_is_a_fixed_schedule_of_main(tmp_path, capsys):
+    """--fixed-schedule backloaded --dense-blocks K: named in --help, evaluated at its budget, and a
+    K that leaves no block to compress is one error line."""
+    assert 'backloaded' in entry.get_args_parser().format_help()
+    flags = ['--data-set', 'synthetic', '--synthetic-classes', '3', '--synthetic-val-size', '4', '--model', MODEL,
+             '--eval', '--fixed-schedule', 'backloaded', '--target_flops', '0.05', '--throughput-batch', '0'] + FAST
+    code, stdout, err = run_main(flags + ['--dense-blocks', '3', '--output_dir', tmp_path / 'eval'], capsys)
+    assert code == 0, err
+    report = json.load(open(tmp_path / 'eval' / 'eval_metrics.json'))
+    assert report['merge_kept_num'][:4] == [10] * 4 and report['merge_kept_num'][4] < 10
+    assert abs(report['gflops'] - 0.05) / 0.05 < 0.05
+    code, stdout, err = run_main(flags + ['--dense-blocks', '11', '--output_dir', tmp_path / 'bad'], capsys)
+    assert code != 0 and err.count('\n') == 1 and 'dense_blocks' in err

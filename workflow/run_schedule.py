@@ -8,7 +8,7 @@ from utils import UserError
 from workflow.runs import checkpoint_schedule
 from workflow.schedule_file import load_schedule
 
-FIXED_SCHEDULES = ('dense', 'uniform', 'uniform-prune', 'geometric', 'geometric-prune')
+FIXED_SCHEDULES = ('dense', 'uniform', 'uniform-prune', 'geometric', 'geometric-prune', 'backloaded')
 SCHEDULE_VARIANTS = ('as-is', 'prune-only', 'merge-only')
 
 
@@ -27,14 +27,17 @@ def resolve_schedule(args, model: models.SDT2Net, resumed: Optional[Dict[str, An
         origin = f'{args.compression_rate_file} at {args.target_flops} GFLOPs'
     elif args.fixed_schedule == 'dense':
         schedule, origin = Schedule.dense(shape.depth, shape.num_patches, shape.num_prefix), 'dense (every token kept)'
-    elif args.fixed_schedule:  # uniform[-prune] (same count per block) or geometric[-prune] (same fraction)
+    elif args.fixed_schedule:  # uniform[-prune] (same count per block), geometric[-prune] (same fraction),
+        # backloaded (the same fraction merged after --dense-blocks blocks that keep every token)
         mode = 'prune' if args.fixed_schedule.endswith('-prune') else 'merge'
-        spacing = 'ratio' if args.fixed_schedule.startswith('geometric') else 'count'
+        spacing = 'count' if args.fixed_schedule.startswith('uniform') else 'ratio'
+        dense_blocks = args.dense_blocks if args.fixed_schedule == 'backloaded' else 0
         try:
-            schedule = models.uniform_schedule(shape, args.target_flops, mode, spacing)
+            schedule = models.uniform_schedule(shape, args.target_flops, mode, spacing, dense_blocks)
         except ValueError as error:
             raise UserError(str(error)) from None
-        origin = f'{args.fixed_schedule} schedule at {args.target_flops} GFLOPs'
+        origin = f'{args.fixed_schedule} schedule at {args.target_flops} GFLOPs' + \
+            (f' after {dense_blocks} dense blocks' if dense_blocks else '')
     elif resumed is not None and checkpoint_schedule(resumed, '--resume') is not None:
         schedule, fixed = checkpoint_schedule(resumed, '--resume')
         if not fixed:

@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import re
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -242,11 +243,46 @@ def write_predictions(path: str, dataset, predictions: List[int]) -> None:
     atomic_write_text('\n'.join(lines) + '\n', path)
 
 
+@dataclass(frozen=True)
+class Filing:
+    """What compression_rate.json files for a run: `schedule` under the budget `key` (GFLOPs), and
+    the provenance beside it; `note`: one line for the log when it is not the schedule in force."""
+    key: float
+    schedule: models.Schedule
+    provenance: Dict[str, Any]
+    note: str = ''
+
+
+def file_schedule(model: models.SDT2Net, target_flops: float) -> Filing:
+    """A fixed schedule is filed as it is under --target_flops. A learned one is brought onto the
+    budget keeping its shape (models.onto_budget: at or below it, within BUDGET_TOLERANCE), with the
+    counts it learned recorded beside it; when nothing brings it there, it is filed as it is under
+    the FLOPs it reaches, never under a budget it does not meet."""
+    shape, schedule = model.shape(), model.schedule()
+    reached = schedule.flops(shape) / 1e9
+    if model.schedule_is_fixed:
+        return Filing(target_flops, schedule, {'target_flops': target_flops, 'gflops': round(reached, 4)})
+    learned = {**schedule.as_dict(), 'gflops': round(reached, 4)}
+    try:
+        filed = models.onto_budget(schedule, shape, target_flops)
+    except ValueError as error:
+        key = float(f'{reached:.4g}')
+        note = (f'the learned schedule reaches {reached:.4f} GFLOPs, {100 * (reached / target_flops - 1):+.1f}% '
+                f'from --target_flops {target_flops} ({error}); filed under {key:g}')
+        return Filing(key, schedule, {'target_flops': target_flops, 'gflops': round(reached, 4)}, note)
+    gflops = filed.flops(shape) / 1e9
+    note = '' if filed == schedule else (f'filed at {gflops:.4f} GFLOPs for --target_flops {target_flops} (learned '
+                                         f'{reached:.4f}, brought onto the budget keeping its shape): prune '
+                                         f'{list(filed.prune)}, merge {list(filed.merge)}')
+    return Filing(target_flops, filed, {'target_flops': target_flops, 'gflops': round(gflops, 4), 'learned': learned},
+                  note)
+
+
 def save_epoch(args, model, optimizers, schedulers, precision, model_ema, epoch, best_acc, is_best,
-               class_names, run_id: str, metrics: Dict[str, float], anneal_from: Optional[float]) -> None:
+               class_names, run_id: str, metrics: Dict[str, float], anneal_from: Optional[float],
+               filing: Filing) -> None:
     """checkpoint.pth (everything a resume needs), model_best.pth (what evaluation needs), both
-    atomic, and the schedule in compression_rate.json format."""
-    schedule = model.schedule()
+    atomic, and the schedule filed in compression_rate.json format."""
     state = {
         'model': model.state_dict(), 'schedule': schedule_entry(model), 'model_name': args.model,
         'class_names': list(class_names),
@@ -263,9 +299,8 @@ def save_epoch(args, model, optimizers, schedulers, precision, model_ema, epoch,
         keep = ('model', 'schedule', 'model_name', 'class_names', 'epoch', 'run_id', 'args')
         atomic_torch_save({**{k: state[k] for k in keep}, 'metrics': metrics},
                           os.path.join(args.output_dir, 'model_best.pth'))
-    save_schedule(os.path.join(args.output_dir, 'compression_rate.json'), args.model, args.target_flops,
-                  schedule, gflops=round(float(model.flops().detach()) / 1e9, 4), epoch=epoch,
-                  data=args.data_path or args.data_set, input_size=args.input_size)
+    save_schedule(os.path.join(args.output_dir, 'compression_rate.json'), args.model, filing.key, filing.schedule,
+                  **filing.provenance, epoch=epoch, data=args.data_path or args.data_set, input_size=args.input_size)
 
 
 def write_release(checkpoint_path: str, out_path: str) -> Dict:

@@ -76,10 +76,11 @@ def load_schedule(path: str, model_name: str, target_flops: float) -> Schedule:
                     f'it holds {available}')
 
 
-def save_schedule(path: str, model_name: str, target_flops: float, schedule: Schedule, **provenance) -> None:
-    """Add or replace one entry, keeping every other entry of the file (atomic write)."""
+def save_schedule(path: str, model_name: str, key_flops: float, schedule: Schedule, **provenance) -> None:
+    """Add or replace the entry under `key_flops` GFLOPs, keeping every other entry of the file
+    (atomic write)."""
     table = read_file(path) if os.path.isfile(path) else {}
-    table.setdefault(model_name, {})[f'{target_flops:g}'] = {**schedule.as_dict(), **provenance}
+    table.setdefault(model_name, {})[f'{key_flops:g}'] = {**schedule.as_dict(), **provenance}
     text = json.dumps(table, indent=2)
     text = re.sub(r'\[\s+([-\d,\s]+?)\s+\]', lambda m: '[' + ' '.join(m.group(1).split()) + ']', text)
     atomic_write_text(text + '\n', path)

@@ -1,13 +1,16 @@
 """Comparing evaluations on the same images: paired bootstrap intervals, McNemar's exact test, and
-summaries of runs repeated over seeds (the predictions.csv files of main.py --eval)."""
+summaries of runs repeated over seeds (the predictions.csv files of main.py --eval); any classifier
+scored image by image on an ImageFolder split."""
 import csv
 import json
 import math
 import os
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
+import torch
 
+from datasets import batches, collect_images, list_classes
 from utils import UserError
 
 
@@ -99,3 +102,20 @@ def summarise(runs: Dict[str, Dict[int, str]], name: str, reference: str = '') -
     summary['pooled'] = {'difference': 100 * pooled.mean(), 'ci_low': 100 * low, 'ci_high': 100 * high,
                          'seeds': shared}
     return summary
+
+
+def correct_on_split(classify: Callable[[torch.Tensor], torch.Tensor], split_dir: str, class_names: List[str],
+                     transform, batch_size: int = 64) -> Tuple[List[str], np.ndarray]:
+    """(image paths, correct [N] bool) of a classifier (images [B, 3, H, W] -> logits [B, classes])
+    on an ImageFolder split with the classifier's classes, in sorted path order."""
+    classes = list_classes(split_dir)
+    if classes != list(class_names):
+        raise UserError(f'{split_dir} holds other classes than the model')
+    paths = collect_images([split_dir])
+    names, correct = [], []
+    with torch.no_grad():
+        for read, images in batches(paths, transform, batch_size):
+            predictions = classify(images).argmax(-1).tolist()
+            correct += [classes.index(os.path.basename(os.path.dirname(path))) == p for path, p in zip(read, predictions)]
+            names += read
+    return names, np.array(correct)
