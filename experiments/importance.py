@@ -13,9 +13,9 @@ import torch
 
 import models
 from datasets import build_transform
-from utils import ArgumentParser, UserError, error_boundary
+from utils import ArgumentParser, UserError, atomic_write_text, error_boundary
 from workflow.runs import load_trained_model
-from workflow.stats import correct_on_split, paired_comparison
+from workflow.stats import correct_on_split, difference_text, paired_comparison
 
 
 def random_ranking(model: models.SDT2Net, seed: int):
@@ -65,10 +65,9 @@ def main(argv=None) -> int:
               f'{args.split}/: ' + ', '.join(f'{r} {v:.2f}%' for r, v in row['top1'].items()))
         for key, value in row.items():
             if ' - ' in key:
-                print(f'  {key}: {value["difference"]:+.2f} [{value["ci_low"]:+.2f}, {value["ci_high"]:+.2f}]')
+                print(f'  {key}: {difference_text(value)}')
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(results, f, indent=1)
+        atomic_write_text(json.dumps(results, indent=1) + '\n', args.out)
     return 0
 
 

@@ -10,10 +10,10 @@ import json
 import sys
 
 from datasets import build_transform
-from utils import ArgumentParser, UserError, error_boundary
+from utils import ArgumentParser, UserError, atomic_write_text, error_boundary
 from workflow.onnx_export import OnnxClassifier
 from workflow.runs import load_trained_model
-from workflow.stats import correct_on_split, paired_comparison
+from workflow.stats import correct_on_split, difference_text, paired_comparison
 
 
 @error_boundary
@@ -47,10 +47,9 @@ def main(argv=None) -> int:
     for a, b in pairs:
         result = paired_comparison(correct[a], correct[b])
         results[f'{a} - {b}'] = result
-        print(f'{a} - {b}: {result["difference"]:+.2f} [{result["ci_low"]:+.2f}, {result["ci_high"]:+.2f}]')
+        print(f'{a} - {b}: {difference_text(result)}')
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(results, f, indent=1)
+        atomic_write_text(json.dumps(results, indent=1) + '\n', args.out)
     return 0
 
 

@@ -186,6 +186,7 @@ def onto_budget(schedule: Schedule, shape: ModelShape, target_flops: float,
     power reaches the target (the blocks that keep every patch cost more than it).
     """
     prefix, patches = shape.num_prefix, shape.num_patches
+    schedule.check(shape.depth, patches, prefix)
 
     def powered(b: float) -> Schedule:
         def counts(kept):

@@ -206,8 +206,9 @@ class SDT2NetBlock(Block):
 class SDT2Net(VisionTransformer):
     """VisionTransformer with learned token pruning/merging, EAB and a second-order head.
 
-    Takes timm's VisionTransformer arguments (pooling 'token', 'avg' or 'map') and: eab (bool), eab_ratio (SCM expansion, official 2), eab_groups (1, or e.g. num_heads for
-    the cheap grouped variant), eab_shift (patches the SCM shifts by, official 2, ELAN 1),
+    Takes timm's VisionTransformer arguments (pooling 'token', 'avg' or 'map') and: eab (bool),
+    eab_ratio (SCM expansion, official 2), eab_groups (1, or e.g. num_heads for the cheap grouped
+    variant), eab_shift (patches the SCM shifts by, official 2, ELAN 1),
     eab_shared (one SCM for q and k, official; False: one each), ftf (bool), ftf_dim (48),
     granularity (candidate step), merge_rule ('size-weighted', or DiffRate's 'diffrate': see
     token_ops.merge_into), importance (how patches are ranked, IMPORTANCES; default 'class' with a

@@ -66,6 +66,11 @@ def paired_comparison(correct_a: np.ndarray, correct_b: np.ndarray, resamples: i
             'only_a_correct': only_a, 'only_b_correct': only_b, 'mcnemar_p': mcnemar_exact(only_a, only_b)}
 
 
+def difference_text(result: Dict[str, float]) -> str:
+    """'+0.53 [+0.07, +0.98]': a paired_comparison's difference (points) and its 95% interval."""
+    return f'{result["difference"]:+.2f} [{result["ci_low"]:+.2f}, {result["ci_high"]:+.2f}]'
+
+
 def read_paired_predictions(path_a: str, path_b: str) -> Tuple[np.ndarray, np.ndarray]:
     """correct [N] of two predictions.csv files of the same images in the same order."""
     files_a, correct_a = read_predictions(path_a)
