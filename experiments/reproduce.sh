@@ -44,6 +44,18 @@ for run in search_deit search_eab deit_seed0 deit_seed1 deit_seed2; do
 done
 BACKBONE=$PRETRAINED START_FLOPS=0.185 ADDED_LR_SCALE=1 ROWS="deit eab" experiments/ablation.sh "$DATA" \
   output/pretrained_study_lr1
+# INT8, the ranking without a class token and the budget fit, on a shorter pretrained backbone:
+# the 64 px stage stopped after 10 of its 20 cosine epochs (run with the default, then restarted
+# with LOW_EPOCHS=10: the resumed scheduler keeps its length), 1 epoch at 112 px, 6 on train/
+SHORT=output/pretrained_short
+LOW_EPOCHS=10 HIGH_EPOCHS=1 TUNE_EPOCHS=6 experiments/pretrain.sh "$DATA" "$SHORT"
+for budget in 0.145 0.2; do
+  .venv/bin/python -m experiments.importance "$SHORT/pool112/model_best.pth" --data-path "$DATA" --split val \
+    --target_flops "$budget" --out "$SHORT/importance_val_$budget.json"
+done
+.venv/bin/python -m experiments.budget_fit "$SHORT/tuned/model_best.pth" --data-path "$DATA" --split val \
+  --schedule compression_rate.json:sdt2net_tiny_patch16_224:0.176 --target_flops 0.145 --out "$SHORT/budget_fit_val.json"
+EPOCHS=3 BACKBONE="$SHORT/tuned/model_best.pth" experiments/int8.sh "$DATA" output/int8
 PY=${PY:-.venv/bin/python}
 "$PY" -m experiments.offtheshelf_report "$OUT" --write-schedules
 "$PY" -m experiments.ablation_report "$OUT" --throughput

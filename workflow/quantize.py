@@ -5,10 +5,11 @@ activations quantized at run time, batch by batch (no data needed).
 static: weights and activations in int8 with fixed scales calibrated on images of the run's own
 data (QDQ format: activations uint8, weights int8 per channel, as onnxruntime recommends for x86).
 
-Only matrix products and convolutions are quantized (QUANTIZED_OPS): softmax, layer norm, the
-token sort, gathers and the second-order head's root stay in float, as measured in
-docs/benchmark.md ("INT8"). The graph's metadata keeps everything export.py wrote and adds a
-`quantization` entry saying how.
+Only matrix products and convolutions are quantized (QUANTIZED_OPS): in the file, softmax, layer
+norm, the token sort, gathers and the second-order head's root stay in float (at run time
+onnxruntime fuses a softmax that sits between two quantized products of a static graph into its
+QLinearSoftmax). docs/benchmark.md ("INT8") has the measurements. The graph's metadata keeps
+everything export.py wrote and adds a `quantization` entry saying how.
 """
 import json
 import os
