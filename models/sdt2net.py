@@ -62,7 +62,7 @@ def unsupported_vit(kwargs: Dict) -> str:
 # How a block ranks the patch tokens before pruning (each [B, N - prefix], mean over heads):
 # 'class': the attention the class token pays each patch (DiffRate, SDT2Net);
 # 'received': the attention each patch receives, averaged over the alive queries (ViTs without a
-# class token; docs/model.md measures it against the class token's and a random ranking).
+# class token; docs/results.md measures it against the class token's and a random ranking).
 IMPORTANCES = ('class', 'received')
 
 
