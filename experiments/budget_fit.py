@@ -14,7 +14,7 @@ from datasets import build_transform
 from utils import ArgumentParser, UserError, atomic_write_text, error_boundary
 from workflow.runs import load_trained_model
 from workflow.schedule_file import load_schedule
-from workflow.stats import correct_on_split, difference_text, paired_comparison
+from workflow.stats import correct_on_split, difference_text, paired_differences
 
 
 @error_boundary
@@ -60,10 +60,9 @@ def main(argv=None) -> int:
         print(f'{label:34s} {results[label]["gflops"]:.4f} GFLOPs  top-1 {results[label]["top1"]:.2f}%  '
               f'merge {list(schedule.merge)}')
     fitted = 'learned, brought onto the budget'
-    for label in schedules:
-        if label != fitted:
-            results[label]['minus fitted'] = paired_comparison(correct[label], correct[fitted])
-            print(f'{label} - fitted: {difference_text(results[label]["minus fitted"])}')
+    results['differences'] = paired_differences(correct, [(label, fitted) for label in schedules if label != fitted])
+    for key, result in results['differences'].items():
+        print(f'{key}: {difference_text(result)}')
     if args.out:
         atomic_write_text(json.dumps(results, indent=1) + '\n', args.out)
     return 0

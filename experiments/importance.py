@@ -15,7 +15,7 @@ import models
 from datasets import build_transform
 from utils import ArgumentParser, UserError, atomic_write_text, error_boundary
 from workflow.runs import load_trained_model
-from workflow.stats import correct_on_split, difference_text, paired_comparison
+from workflow.stats import correct_on_split, difference_text, paired_differences
 
 
 def random_ranking(model: models.SDT2Net, seed: int):
@@ -56,16 +56,15 @@ def main(argv=None) -> int:
             paths, correct[ranking] = correct_on_split(model, split, model.class_names, transform, args.batch_size)
             for handle in hooks:
                 handle.remove()
-        row = {'gflops': schedule.flops(model.shape()) / 1e9, 'top1': {r: 100 * c.mean() for r, c in correct.items()}}
-        for a in rankings:
-            for b in rankings[rankings.index(a) + 1:]:
-                row[f'{a} - {b}'] = paired_comparison(correct[a], correct[b])
+        pairs = [(a, b) for i, a in enumerate(rankings) for b in rankings[i + 1:]]
+        differences = paired_differences(correct, pairs)
+        row = {'gflops': schedule.flops(model.shape()) / 1e9, 'top1': {r: 100 * c.mean() for r, c in correct.items()},
+               **differences}
         results[mode] = row
         print(f'{mode}-only, same fraction per block, {row["gflops"]:.3f} GFLOPs, {len(paths)} images of '
               f'{args.split}/: ' + ', '.join(f'{r} {v:.2f}%' for r, v in row['top1'].items()))
-        for key, value in row.items():
-            if ' - ' in key:
-                print(f'  {key}: {difference_text(value)}')
+        for key, result in differences.items():
+            print(f'  {key}: {difference_text(result)}')
     if args.out:
         atomic_write_text(json.dumps(results, indent=1) + '\n', args.out)
     return 0

@@ -13,7 +13,7 @@ from datasets import build_transform
 from utils import ArgumentParser, UserError, atomic_write_text, error_boundary
 from workflow.onnx_export import OnnxClassifier
 from workflow.runs import load_trained_model
-from workflow.stats import correct_on_split, difference_text, paired_comparison
+from workflow.stats import correct_on_split, difference_text, paired_differences
 
 
 @error_boundary
@@ -44,10 +44,10 @@ def main(argv=None) -> int:
     results = {'top1': {name: 100 * c.mean() for name, c in correct.items()}}
     pairs = [('compressed fp32', 'dense fp32')] + [(f'compressed int8 {name}', reference) for name in graphs
                                                     for reference in ('compressed fp32', 'dense fp32')]
-    for a, b in pairs:
-        result = paired_comparison(correct[a], correct[b])
-        results[f'{a} - {b}'] = result
-        print(f'{a} - {b}: {difference_text(result)}')
+    differences = paired_differences(correct, pairs)
+    results.update(differences)
+    for key, result in differences.items():
+        print(f'{key}: {difference_text(result)}')
     if args.out:
         atomic_write_text(json.dumps(results, indent=1) + '\n', args.out)
     return 0

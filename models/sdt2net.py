@@ -69,7 +69,8 @@ IMPORTANCES = ('class', 'received')
 class SDT2NetAttention(Attention):
     """timm attention plus EAB on q/k, proportional attention (log size) and keep masks.
 
-    Evaluation uses fused attention; the class-token importance row is computed on its own.
+    Evaluation uses fused attention; the class-token importance row is computed on its own, while
+    ranking by received attention needs the map itself.
     Training computes the attention map explicitly so that the straight-through keep mask
     passes gradients to the rate parameters. Exported graphs compute the map explicitly too,
     from k^T as the EAB leaves it (the exporter's form of fused attention transposes k back and
@@ -184,12 +185,12 @@ class SDT2NetBlock(Block):
     """Pre-norm transformer block: attention (with EAB), token compression, MLP."""
 
     def __init__(self, dim: int, num_heads: int, *, eab: bool = True, eab_ratio: float = 2.0, eab_groups: int = 1,
-                 eab_shift: int = 2, eab_shared: bool = True, merge_rule: str = 'size-weighted',
-                 importance: str = 'class', **kwargs) -> None:
+                 eab_shift: int = 2, eab_shared: bool = True, merge_rule: str = 'size-weighted', **kwargs) -> None:
         kwargs['attn_layer'] = SDT2NetAttention
         super().__init__(dim, num_heads, **kwargs)
         self.eab = EfficientAttentionShift(dim, eab_ratio, eab_groups, eab_shift, eab_shared) if eab else None
-        self.merge_rule, self.importance = merge_rule, importance
+        self.merge_rule = merge_rule
+        self.importance = 'class'  # how it ranks the patches: SDT2Net.rank_by sets every block's
 
     def forward(self, x: torch.Tensor, state: TokenState, kept: Optional[Tuple[int, int]] = None,
                 keep_masks: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, TokenState]:

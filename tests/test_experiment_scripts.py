@@ -57,4 +57,4 @@ def test_budget_fit_compares_the_fitted_schedule_with_the_rules_at_its_budget(tm
     assert 0.05 * (1 - models.BUDGET_TOLERANCE) <= fitted['gflops'] <= 0.05
     assert fitted['merge_kept_num'][:3] == [10, 10, 10]  # the leading blocks that kept every token still do
     assert {'geometric', 'backloaded 1'} <= set(results)
-    assert results['geometric']['minus fitted']['images'] == 9
+    assert results['differences']['geometric - learned, brought onto the budget']['images'] == 9

@@ -71,6 +71,11 @@ def difference_text(result: Dict[str, float]) -> str:
     return f'{result["difference"]:+.2f} [{result["ci_low"]:+.2f}, {result["ci_high"]:+.2f}]'
 
 
+def paired_differences(correct: Dict[str, np.ndarray], pairs) -> Dict[str, Dict[str, float]]:
+    """{'A - B': paired_comparison(correct[A], correct[B])} for every (A, B) in pairs, in order."""
+    return {f'{a} - {b}': paired_comparison(correct[a], correct[b]) for a, b in pairs}
+
+
 def read_paired_predictions(path_a: str, path_b: str) -> Tuple[np.ndarray, np.ndarray]:
     """correct [N] of two predictions.csv files of the same images in the same order."""
     files_a, correct_a = read_predictions(path_a)
