@@ -18,31 +18,6 @@ read -r -a RECIPES <<< "${RECIPES:-diffrate anneal}"
 MODEL=("${BASE[@]}" --no-eab --no-ftf --seed "$SEED")
 mkdir -p "$OUT/eval"
 
-# DiffRate's search recipe: DeiT's augmentation, drop-path 0.1, arch lr 0.01 -> 0.001; batch 16
-# for four times the rate steps of batch 64 (788 in 4 epochs), the most this CPU allows per search.
-DIFFRATE=(--search-mode arch --finetune "$BACKBONE" --flops-lambda 1300 --warmup-epochs 0 --batch-size 16
-          --epochs 4 --arch-lr 0.01 --arch-min-lr 0.001 --aa rand-m9-mstd0.5-inc1 --color-jitter 0.4 --reprob 0.25
-          --mixup 0.8 --cutmix 1.0 --drop-path 0.1)
-recipe() {  # the search flags of a recipe
-  case $1 in
-    diffrate) echo "${DIFFRATE[@]}" ;;
-    # every stage starts at its own count (the geometric schedule at 90% of the dense FLOPs) and
-    # the budget slides to the target over the first two epochs
-    anneal) echo "${DIFFRATE[@]}" --search-start geometric --search-start-flops 0.257 --anneal-epochs 2 ;;
-    # the same with four times the budget's weight: the squared penalty's pull, 2 lambda (F - target),
-    # vanishes near the target, and at 0.145 the anneal recipe settled 12% above it
-    anneal4x) echo "$(recipe anneal)" --flops-lambda 5200 ;;
-    # the budget at the target after one epoch instead of two: Adam moves the rates by about the
-    # learning rate per step whatever lambda is, so the anneal recipe's lag is a matter of steps
-    anneal1) echo "${DIFFRATE[@]}" --search-start geometric --search-start-flops 0.257 --anneal-epochs 1 ;;
-    # the anneal recipe at five times DiffRate's arch learning rate (0.05 -> 0.005): a start peaked at
-    # one count per stage needs logit changes of several units to move a count, which at about lr
-    # per Adam step takes more steps than the search has (anneal, anneal4x, anneal1 all lag)
-    anneal_lr5) echo "$(recipe anneal)" --arch-lr 0.05 --arch-min-lr 0.005 ;;
-    *) echo "unknown recipe $1" >&2; return 1 ;;
-  esac
-}
-
 stage_backbone() {
   [[ -f "$OUT/backbone/done" || "$BACKBONE" != "$OUT/backbone/checkpoint.pth" ]] && return  # given or trained
   "$PY" main.py "${MODEL[@]}" --fixed-schedule dense --target_flops 0.286 --epochs "${BACKBONE_EPOCHS:-40}" \
