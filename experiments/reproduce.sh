@@ -55,7 +55,8 @@ for budget in 0.145 0.2; do
 done
 .venv/bin/python -m experiments.budget_fit "$SHORT/tuned/model_best.pth" --data-path "$DATA" --split val \
   --learned compression_rate.json:sdt2net_tiny_patch16_224:0.176 --target_flops 0.145 --out "$SHORT/budget_fit_val.json"
-# one epoch of fine-tuning: longer runs of this recipe stop with a NaN loss in their second epoch
+# one epoch of fine-tuning, as measured (longer runs stopped with a NaN loss before the masked softmax
+# took DiffRate's eps: docs/results.md)
 EPOCHS=1 BACKBONE="$SHORT/tuned/model_best.pth" experiments/int8.sh "$DATA" output/int8
 PY=${PY:-.venv/bin/python}
 "$PY" -m experiments.offtheshelf_report "$OUT" --write-schedules

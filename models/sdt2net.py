@@ -109,17 +109,12 @@ class SDT2NetAttention(Attention):
             logits = (q * self.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
             if bias is not None:
                 logits = logits + bias
-            # softmax restricted to alive keys, written so that d(attn)/d(mask) exists:
-            # attn_ij = p_ij m'_ij / sum_k p_ik m'_ik with p the plain softmax (one fused kernel) and
-            # m'_ij = m_j off the diagonal, 1 on it: as DiffRate's softmax_with_policy, a token always
-            # sees itself, so a key's mask gradient comes from the other queries only (alive tokens
-            # have m = 1 either way; a masked query attends to itself alone).
-            # NOTE multiplying by the reciprocal of the [B, H, N, 1] sums is cheaper than a division
-            # of the [B, H, N, N] map, forward and backward.
+            # softmax restricted to alive keys (masked_softmax): m'_ij = m_j off the diagonal, 1 on it,
+            # as DiffRate's softmax_with_policy: a token always sees itself, so a key's mask gradient
+            # comes from the other queries only (alive tokens have m = 1 either way).
             eye = torch.eye(N, dtype=logits.dtype, device=logits.device)  # [N, N]
             keep = state.mask.to(logits.dtype)[:, None, :] * (1 - eye) + eye  # [B, N, N]
-            weights = logits.softmax(dim=-1) * keep[:, None]
-            attn = weights * weights.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny).reciprocal()
+            attn = masked_softmax(logits, keep[:, None])
             if importance is not None:
                 ranking = self._ranking(attn, state, importance)
             out = self.attn_drop(attn) @ v
@@ -155,6 +150,22 @@ class SDT2NetAttention(Attention):
         return received.mean(dim=1)[:, state.prefix:]
 
 
+SOFTMAX_EPS = 1e-6  # DiffRate's softmax_with_policy: a floor under every masked softmax row
+
+
+def masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Softmax of logits [..., N] over the keys that keep [..., N] (1 alive, 0 masked; broadcast)
+    marks, as DiffRate's softmax_with_policy computes it so that the mask's gradient exists:
+    e = exp(logits - row max) (its largest term is 1), attn = (e keep + eps / N) / (sum e keep + eps),
+    in float32 or wider. The eps keeps a row and its gradient finite when every weight it keeps
+    underflows (a row dominated by masked keys), where e keep / sum e keep is 0 / 0 (the clamped
+    sum used before gave NaN gradients in fine-tuning); it also lends each masked key a weight of
+    at most eps / N, so the masked forward equals the evaluation forward to about 1e-6."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    e = (logits.to(dtype) - logits.to(dtype).amax(dim=-1, keepdim=True)).exp() * keep
+    return ((e + SOFTMAX_EPS / logits.shape[-1]) / (e.sum(dim=-1, keepdim=True) + SOFTMAX_EPS)).to(logits.dtype)
+
+
 def attention_pool(pool: AttentionPoolLatent, x: torch.Tensor, size: Optional[torch.Tensor],
                    mask: Optional[torch.Tensor]) -> torch.Tensor:
     """timm's attention-pooling head (SigLIP's 'map') over compressed tokens: x [B, N, C] ->
@@ -173,8 +184,7 @@ def attention_pool(pool: AttentionPoolLatent, x: torch.Tensor, size: Optional[to
     logits = (q * pool.scale) @ k.transpose(-2, -1)  # [B, H, L, N]
     if bias is not None:
         logits = logits + bias
-    weights = logits.softmax(dim=-1) * mask.to(logits.dtype)[:, None, None, :]
-    attn = weights / weights.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
+    attn = masked_softmax(logits, mask.to(logits.dtype)[:, None, None, :])
     out = pool.proj_drop(pool.proj((attn @ v).transpose(1, 2).reshape(B, L, C)))  # [B, L, C]
     if pool.mlp is not None:
         out = out + pool.mlp(pool.norm(out))

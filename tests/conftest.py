@@ -50,3 +50,11 @@ def sharpen_attention(model: torch.nn.Module, scale: float = 4.0) -> None:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def exact_masked_softmax(monkeypatch):
+    """DiffRate's eps off (models.sdt2net.SOFTMAX_EPS): a masked key then weighs exactly 0, so a
+    masked forward equals the evaluation forward to rounding; with it, masked keys weigh up to
+    eps / N each."""
+    monkeypatch.setattr(models.sdt2net, 'SOFTMAX_EPS', 0.0)

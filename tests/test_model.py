@@ -46,7 +46,7 @@ def test_full_keep_equals_timm_deit(train, eab, ftf):
 
 
 @pytest.mark.parametrize('eab,ftf', [(False, False), (True, True)])
-def test_masked_training_forward_equals_evaluation_forward(eab, ftf):
+def test_masked_training_forward_equals_evaluation_forward(eab, ftf, exact_masked_softmax):
     model = small_sdt2net(eab=eab, ftf=ftf).double()
     sharpen_attention(model)
     model.set_kept_num(*COMPRESSED)
@@ -62,7 +62,21 @@ def test_masked_training_forward_equals_evaluation_forward(eab, ftf):
     torch.testing.assert_close(masked, evaluated, atol=1e-9, rtol=1e-9)
 
 
-def test_learned_schedule_training_equals_evaluation():
+def test_diffrates_eps_moves_the_masked_forward_by_under_a_millionth():
+    model = small_sdt2net().double()
+    sharpen_attention(model)
+    model.set_kept_num(*COMPRESSED)
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        evaluated = model.eval()(x)
+        model.train()
+        model.ftf.bn.eval()  # batch statistics are a training-only difference, not a compression one
+        masked = model(x)
+    torch.testing.assert_close(masked, evaluated, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(masked, evaluated)
+
+
+def test_learned_schedule_training_equals_evaluation(exact_masked_softmax):
     model = small_sdt2net(ftf=False).double()
     sharpen_attention(model)
     with torch.no_grad():
@@ -536,3 +550,25 @@ def test_token_shift_equals_paint_shift_and_read_back(channels, groups, shift, e
     summed = padded.new_zeros(B, N + 1, channels).scatter_add(1, index, moved)
     count = padded.new_zeros(B, N + 1, 1).scatter_add(1, owner[..., None], padded.new_ones(B, H * W, 1))
     torch.testing.assert_close(shifted[:, :N - 1], (summed / count.clamp(min=1))[:, :N - 1], atol=1e-12, rtol=1e-12)
+
+
+def test_masked_softmax_is_diffrates_and_stays_finite_where_every_kept_weight_underflows():
+    """DiffRate's softmax_with_policy, written out here: (exp(l - max) m + eps / N) / (sum + eps).
+    A row whose largest logits sit on masked keys (every kept weight underflows to 0) is uniform
+    and its gradient finite; the reciprocal of the clamped sum of the kept softmax gave NaN there."""
+    from models.sdt2net import masked_softmax
+    logits = torch.tensor([[0.5, -1.0, 2.0, 0.0], [0.0, -200.0, 200.0, -150.0]], dtype=torch.float64, requires_grad=True)
+    keep = torch.tensor([[1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0]], dtype=torch.float64)
+    e = (logits - logits.max(dim=-1, keepdim=True)[0]).exp() * keep
+    expected = (e + 1e-6 / 4) / (e.sum(-1, keepdim=True) + 1e-6)
+    attn = masked_softmax(logits, keep)
+    assert torch.allclose(attn, expected.float().to(attn.dtype), atol=1e-7)
+    assert torch.allclose(attn[1], torch.full((4,), 0.25, dtype=attn.dtype), atol=1e-6)  # the underflowing row
+    upstream = torch.tensor([0.0, 100.0, 200.0, 300.0])  # a loss's gradient w.r.t. the attention row
+    (attn * upstream.to(attn.dtype)).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    clamped = logits.detach().requires_grad_()
+    weights = clamped.float().softmax(-1) * keep.float()
+    replaced = weights * weights.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny).reciprocal()
+    (replaced * upstream).sum().backward()
+    assert not torch.isfinite(clamped.grad).all()  # the form it replaces
