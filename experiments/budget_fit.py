@@ -4,7 +4,8 @@ the same trained weights and images: the geometric merge schedule, ToMe's (where
 back-loaded family for each number of dense blocks (with --choose-on, only its member best on that
 earlier evaluation, so that test/ reports the member val/ chose). Top-1, each learned schedule minus
 each rule as paired differences with 95% intervals, the image-by-image correctness, and the learned
-schedule and the rule best on this split with the main.py flags that run them.
+schedule and the rule best on this split with the main.py flags that run them. --as-learned scores
+the counts a search learned instead of those it filed (the search where it stopped).
 
     python -m experiments.budget_fit CHECKPOINT --data-path DATA --split val --target_flops 0.145 \
         --learned 'seed 0=SEARCH/compression_rate.json:sdt2net_tiny_patch16_224:0.145' --out val.json
@@ -17,7 +18,7 @@ import models
 from datasets import build_transform
 from utils import ArgumentParser, UserError, atomic_write_text, error_boundary
 from workflow.runs import load_trained_model
-from workflow.schedule_file import load_schedule
+from workflow.schedule_file import load_schedule, read_file
 from workflow.stats import correct_on_split, difference_text, paired_differences
 
 GEOMETRIC, TOME = 'geometric', 'ToMe (same count)'
@@ -32,6 +33,14 @@ def parse_learned(spec: str) -> Tuple[str, str, str, float]:
     except ValueError:
         raise UserError(f'--learned {spec!r}: expected [LABEL=]FILE:MODEL:GFLOPS, e.g. '
                         'compression_rate.json:sdt2net_tiny_patch16_224:0.176') from None
+
+
+def searched_counts(path: str, name: str, gflops: float) -> models.Schedule:
+    """The counts a search learned, which it files beside the schedule it brought onto its budget."""
+    for key, entry in read_file(path).get(name, {}).items():
+        if abs(float(key) - gflops) < 1e-6 and isinstance(entry, dict) and isinstance(entry.get('learned'), dict):
+            return models.Schedule(entry['learned']['prune_kept_num'], entry['learned']['merge_kept_num'])
+    raise UserError(f'{path} holds no learned counts for {name} at {gflops} GFLOPs (a search files them)')
 
 
 def rules(shape: models.ModelShape, target: float, backloaded: Optional[int]) -> Dict[str, Tuple[models.Schedule, List[str]]]:
@@ -73,6 +82,9 @@ def main(argv=None) -> int:
     parser.add_argument('--target_flops', type=float, required=True, help='the budget (GFLOPs)')
     parser.add_argument('--choose-on', default='', metavar='JSON',
                         help='an earlier --out (on val/): evaluate only its best back-loaded member')
+    parser.add_argument('--as-learned', action='store_true',
+                        help="score the counts each search learned (filed beside its schedule) instead: with "
+                             "--target_flops at their FLOPs, the search's own schedule where it stopped")
     parser.add_argument('--out', default='', help='also write the results here (JSON)')
     args = parser.parse_args(argv)
     specs = [parse_learned(spec) for spec in args.learned]
@@ -83,8 +95,10 @@ def main(argv=None) -> int:
     try:
         for label, path, name, gflops in specs:
             # a file's entry at this budget runs as it is filed; another is brought onto it here
-            flags = ['--load_compression_rate', '--compression-rate-file', path] if abs(gflops - args.target_flops) < 1e-9 else None
-            learned[label] = (models.onto_budget(load_schedule(path, name, gflops), shape, args.target_flops), flags)
+            on_budget = abs(gflops - args.target_flops) < 1e-9 and not args.as_learned
+            flags = ['--load_compression_rate', '--compression-rate-file', path] if on_budget else None
+            schedule = searched_counts(path, name, gflops) if args.as_learned else load_schedule(path, name, gflops)
+            learned[label] = (models.onto_budget(schedule, shape, args.target_flops), flags)
         hand_set = rules(shape, args.target_flops, backloaded)
     except ValueError as error:
         raise UserError(str(error)) from None

@@ -6,9 +6,10 @@
 # and test/ every learned schedule against the geometric one, ToMe's and the back-loaded family at
 # that budget (experiments/budget_fit.py; on test/ the back-loaded member chosen on val/); then at
 # TUNE_BUDGET the learned schedule and the hand-set rule best on val/ fine-tuned EPOCHS epochs
-# (DiffRate's recipe, experiments/recipes.sh) with the seeds TUNE_SEEDS and scored on test/.
+# (DiffRate's recipe, experiments/recipes.sh) with the seeds TUNE_SEEDS and scored on test/. Also,
+# unless AS_LEARNED is empty, each search's own learned counts against the rules at their FLOPs.
 # Restartable: finished stages are skipped. About 2 hours per backbone, two jobs at a time.
-# Usage: [SEEDS="0 1 2"] [BUDGETS="0.145 0.185"] [TUNE_BUDGET=0.145] [TUNE_SEEDS="0 1 2"] [EPOCHS=1] [SLOTS=2]
+# Usage: [SEEDS="0 1 2"] [BUDGETS="0.145 0.185"] [AS_LEARNED=1] [TUNE_BUDGET=0.145] [TUNE_SEEDS="0 1 2"] [EPOCHS=1] [SLOTS=2]
 #        experiments/budget_study.sh [DATA] [OUT] [PRETRAINED]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,16 @@ evaluate() {  # budget, split: every schedule at the budget (on test/ the back-l
     --out "$out" > "${out%.json}.log" 2>&1
 }
 
+as_learned() {  # budget, seed: on test/, the counts the search learned at the FLOPs they reached, against the rules there
+  local out=$OUT/eval_$1_s$2_as_learned_test.json dir=$OUT/search_$1_s$2 reached
+  [[ -f "$out" ]] && return
+  reached=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['sdt2net_tiny_patch16_224'][sys.argv[2]]['learned']['gflops'] + 1e-4)" \
+    "$dir/compression_rate.json" "$1")  # the FLOPs are filed to 4 decimals
+  "$PY" -m experiments.budget_fit "$BACKBONE" --data-path "$DATA" --split test --target_flops "$reached" --as-learned \
+    --learned "seed $2=$dir/compression_rate.json:sdt2net_tiny_patch16_224:$1" --choose-on "$OUT/eval_$1_val.json" \
+    --out "$out" > "${out%.json}.log" 2>&1
+}
+
 chosen() {  # budget, learned|rule: main.py's schedule flags of the choice made on val/
   "$PY" -c "import json, sys; print(' '.join(json.load(open(sys.argv[1]))['chosen'][sys.argv[2]]['flags']))" \
     "$OUT/eval_$1_val.json" "$2"
@@ -56,6 +67,11 @@ run_pool "$OUT/locks_val" "${JOBS[@]}"
 JOBS=()
 for t in "${BUDGETS[@]}"; do JOBS+=("evaluate $t test"); done
 run_pool "$OUT/locks_test" "${JOBS[@]}"
+if [[ -n "${AS_LEARNED-1}" ]]; then  # is the fit onto the budget what costs? the searches where they stopped
+  JOBS=()
+  for t in "${BUDGETS[@]}"; do for seed in "${SEEDS[@]}"; do JOBS+=("as_learned $t $seed"); done; done
+  run_pool "$OUT/locks_as_learned" "${JOBS[@]}"
+fi
 if [[ -n "${TUNE_SEEDS-0 1 2}" ]]; then
   mkdir -p "$OUT/tuned"
   JOBS=()

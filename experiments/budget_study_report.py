@@ -2,7 +2,8 @@
 against its budget; on test/, each learned schedule (and their mean over the search seeds, image by
 image) minus the geometric schedule, ToMe's and the back-loaded member chosen on val/, at the same
 budget (paired differences, 95% bootstrap intervals); the back-loaded family on val/; the
-fine-tuned learned schedule against the fine-tuned rule (3 seeds each).
+fine-tuned learned schedule against the fine-tuned rule (3 seeds each); each search where it stopped
+(its learned counts) against the rules at the FLOPs it reached.
 
     python -m experiments.budget_study_report OUT [OUT ...] [--figure figures/budget_study.png]
 """
@@ -27,8 +28,23 @@ def evaluations(out: str, split: str) -> Dict[float, Dict]:
     """{budget: experiments/budget_fit.py's --out} of one backbone's split."""
     found = {}
     for path in glob.glob(os.path.join(out, f'eval_*_{split}.json')):
-        found[float(re.fullmatch(rf'eval_([\d.]+)_{split}\.json', os.path.basename(path)).group(1))] = read_json(path)
+        match = re.fullmatch(rf'eval_([\d.]+)_{split}\.json', os.path.basename(path))
+        if match:  # not the as-learned evaluations
+            found[float(match.group(1))] = read_json(path)
     return dict(sorted(found.items(), reverse=True))
+
+
+def as_learned(out: str) -> List[str]:
+    """Each search's own learned counts against the rules at the FLOPs they reached, on test/."""
+    lines = []
+    for path in sorted(glob.glob(os.path.join(out, 'eval_*_s*_as_learned_test.json'))):
+        budget = re.fullmatch(r'eval_([\d.]+)_s\d+_as_learned_test\.json', os.path.basename(path)).group(1)
+        result = read_json(path)
+        (label, learned), = [(k, s) for k, s in result['schedules'].items() if s['kind'] == 'learned']
+        cells = [f'{key.split(" - ", 1)[1]}: {difference_text(d)}' for key, d in result['differences'].items()]
+        lines.append(f'| {os.path.basename(out)} | {budget} | {label} | {learned["gflops"]:.4f} | {learned["top1"]:.2f} | '
+                     + ' | '.join(cells) + ' |')
+    return lines
 
 
 def correct(result: Dict, label: str) -> np.ndarray:
@@ -140,6 +156,9 @@ def main(argv=None) -> int:
         ('On test/: learned minus each rule at the same budget (back-loaded member chosen on val/)',
          lambda out: ['| backbone | budget | learned | GFLOPs | top-1 | minus each rule [95% CI] |', '|---' * 6 + '|']
          + comparison(out, figure_rows)),
+        ('On test/: each search where it stopped (its learned counts) minus each rule at those FLOPs',
+         lambda out: ['| backbone | budget | search | GFLOPs | top-1 | minus each rule [95% CI] |', '|---' * 6 + '|']
+         + as_learned(out)),
         ('The rules on val/ (top-1) and the one chosen', lambda out: ['| backbone | budget | top-1 | chosen |', '|---' * 4 + '|']
          + family(out)),
         ('Fine-tuned under the learned schedule and the chosen rule, on test/',

@@ -3,7 +3,7 @@
 # off-the-shelf comparison (with the dense-start and the 15-epoch searches), the fine-tuning,
 # SDT2Net's ablation, the search study on two backbones and on the pretrained backbone. Each stage
 # is restartable (a finished run is skipped), so an interrupted run continues where it stopped.
-# About 11.5 hours on the 2-core CPU box (two jobs side by side, one thread each).
+# About 16 hours on the 2-core CPU box (two jobs side by side, one thread each).
 # Usage: experiments/reproduce.sh [DATA] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,7 +58,13 @@ done
 # one epoch of fine-tuning, as measured (longer runs stopped with a NaN loss before the masked softmax
 # took DiffRate's eps: docs/results.md)
 EPOCHS=1 BACKBONE="$SHORT/tuned/model_best.pth" experiments/int8.sh "$DATA" output/int8
+# the search at its exact budgets against the best hand-set rule, on that backbone and on a second one
+# (seed 1; the measured run's 64 px cosine was 10 epochs long and stopped after 5), about 2 hours each
+SEED=1 LOW_EPOCHS=5 HIGH_EPOCHS=1 TUNE_EPOCHS=6 experiments/pretrain.sh "$DATA" output/pretrained_seed1
+experiments/budget_study.sh "$DATA" output/budget_A "$SHORT"
+experiments/budget_study.sh "$DATA" output/budget_B output/pretrained_seed1
 PY=${PY:-.venv/bin/python}
+"$PY" -m experiments.budget_study_report output/budget_A output/budget_B --figure figures/budget_study.png
 "$PY" -m experiments.offtheshelf_report "$OUT" --write-schedules
 "$PY" -m experiments.ablation_report "$OUT" --throughput
 "$PY" -m experiments.search_study_report output/s0 output/s1 --write-schedules

@@ -84,11 +84,23 @@ def test_budget_fit_compares_the_learned_schedules_with_the_rules_at_their_budge
         metrics = json.loads((tmp_path / f'eval_{kind}' / 'eval_metrics.json').read_text())
         assert metrics['merge_kept_num'] == val['schedules'][chosen['label']]['merge_kept_num']
         assert abs(metrics['acc1'] - val['schedules'][chosen['label']]['top1']) < 1e-6
+    # --as-learned: the counts the search learned, filed beside its schedule, at their own FLOPs
+    searched = models.uniform_schedule(model.shape(), 0.053, 'merge', 'ratio')
+    save_schedule(str(study / 'search_0.05_s0' / 'compression_rate.json'), MODEL, 0.05, filed, target_flops=0.05,
+                  gflops=filed.flops(model.shape()) / 1e9,
+                  learned={**searched.as_dict(), 'gflops': searched.flops(model.shape()) / 1e9})
+    reached = searched.flops(model.shape()) / 1e9
+    assert budget_fit.main([checkpoint, '--data-path', str(data), '--target_flops', str(reached + 1e-4), '--as-learned',
+                            '--learned', learned[3], '--choose-on', str(study / 'eval_0.05_val.json'),
+                            '--out', str(study / 'eval_0.05_s0_as_learned_test.json')]) == 0
+    stopped = json.loads((study / 'eval_0.05_s0_as_learned_test.json').read_text())['schedules']['seed 0']
+    assert stopped['merge_kept_num'] == list(searched.merge) and stopped['flags'] is None
     capsys.readouterr()
     assert budget_study_report.main([str(study)]) == 0
     report = capsys.readouterr().out
     assert f'| study | 0.05 | seed 0 | {val["schedules"]["seed 0"]["gflops"]:.4f} |' in report
     assert f'{best}: ' in report and 'mean over search seeds' in report
+    assert f'| study | 0.05 | seed 0 | {reached:.4f} |' in report  # the as-learned row
 
 
 def test_budget_fit_refuses_a_malformed_learned_schedule(tmp_path, capsys):
