@@ -8,17 +8,17 @@
 # TUNE_BUDGET the learned schedule and the hand-set rule best on val/ fine-tuned EPOCHS epochs
 # (DiffRate's recipe, experiments/recipes.sh) with the seeds TUNE_SEEDS and scored on test/. Also,
 # unless AS_LEARNED is empty, each search's own learned counts against the rules at their FLOPs.
-# Restartable: finished stages are skipped. About 2 hours per backbone, two jobs at a time.
-# Usage: [SEEDS="0 1 2"] [BUDGETS="0.145 0.185"] [AS_LEARNED=1] [TUNE_BUDGET=0.145] [TUNE_SEEDS="0 1 2"] [EPOCHS=1] [SLOTS=2]
+# Restartable: finished stages are skipped. About 2 hours per backbone with two jobs at a time.
+# Usage: [SEEDS="0 1 2"] [BUDGETS="0.145 0.185"] [AS_LEARNED=1] [TUNE_BUDGET=0.145] [TUNE_SEEDS="0 1 2"] [EPOCHS=5] [SLOTS=2]
 #        experiments/budget_study.sh [DATA] [OUT] [PRETRAINED]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BACKBONE=$(realpath "${3:-output/pretrained}/tuned/model_best.pth")  # chosen on val/
+export EPOCHS=${EPOCHS:-5}  # read by recipes.sh's fine-tuning recipe
 source experiments/recipes.sh "${1:-}" "${2:-output/budget_study}"
 read -r -a SEEDS <<< "${SEEDS:-0 1 2}"
 read -r -a BUDGETS <<< "${BUDGETS:-0.145 0.185}"
 TUNE_BUDGET=${TUNE_BUDGET:-0.145}
-export EPOCHS=${EPOCHS:-1}
 MODEL=("${BASE[@]}" --no-eab --no-ftf)
 
 recommended() {  # the README's search recipe at a budget (GFLOPs of DeiT-Tiny at 112 px: dense 0.285)
