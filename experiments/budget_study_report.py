@@ -106,6 +106,12 @@ def family(out: str) -> List[str]:
     return lines
 
 
+def spread(summary: Dict) -> str:
+    """'mean +- sd (n seeds)' of a summarise(); one seed has no sd."""
+    n = len(summary['seeds'])
+    return f'{summary["mean"]:.2f}' + (f' +- {summary["sd"]:.2f}' if n > 1 else '') + f' ({n} seed{"s" if n > 1 else ""})'
+
+
 def tuning(out: str) -> List[str]:
     runs = seed_runs(os.path.join(out, 'tuned'))
     lines = []
@@ -116,8 +122,7 @@ def tuning(out: str) -> List[str]:
         ours, theirs = summarise(runs, name, reference), summarise(runs, reference)
         per_seed = ', '.join(difference_text(d) for d in ours['per_seed'])
         pooled = ours['pooled']
-        lines.append(f'| {os.path.basename(out)} | {name} | {ours["mean"]:.2f} +- {ours["sd"]:.2f} | '
-                     f'{theirs["mean"]:.2f} +- {theirs["sd"]:.2f} | {per_seed} | '
+        lines.append(f'| {os.path.basename(out)} | {name} | {spread(ours)} | {spread(theirs)} | {per_seed} | '
                      f'{pooled["difference"]:+.2f} [{pooled["ci_low"]:+.2f}, {pooled["ci_high"]:+.2f}] |')
     return lines
 
