@@ -18,7 +18,7 @@ import numpy as np
 
 from utils import ArgumentParser, UserError, error_boundary, read_json
 from workflow.runs import seed_runs
-from workflow.stats import bootstrap_interval, difference_text, paired_comparison, summarise
+from workflow.stats import difference_text, paired_comparison, seed_averaged_difference, summarise
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
@@ -51,13 +51,6 @@ def correct(result: Dict, label: str) -> np.ndarray:
     return np.array([c == '1' for c in result['schedules'][label]['correct']])
 
 
-def seed_mean_difference(result: Dict, learned: List[str], rule: str) -> Dict[str, float]:
-    """The learned schedules' correctness averaged per image over the search seeds, minus the rule's."""
-    difference = np.mean([correct(result, label) for label in learned], axis=0) - correct(result, rule)  # [N]
-    low, high = bootstrap_interval(difference)
-    return {'difference': 100 * difference.mean(), 'ci_low': 100 * low, 'ci_high': 100 * high}
-
-
 def landing(out: str) -> List[str]:
     """One row per search: budget, the learned counts' FLOPs, the filed ones'."""
     lines = ['| backbone | budget (GFLOPs) | search seed | learned | filed | filed / budget | merge kept per block (filed) |',
@@ -82,7 +75,8 @@ def comparison(out: str, figure_rows: List) -> List[str]:
         columns = [label for label in ('geometric', 'ToMe (same count)', backloaded) if label in rules]
         cells = {label: [paired_comparison(correct(result, label), correct(result, rule), 4000) for rule in columns]
                  for label in learned}
-        cells['mean over search seeds'] = [seed_mean_difference(result, learned, rule) for rule in columns]
+        cells['mean over search seeds'] = [seed_averaged_difference([correct(result, label) for label in learned],
+                                                                  [correct(result, rule)]) for rule in columns]
         for label, differences in cells.items():
             s = schedules.get(label)
             top1 = f'{s["top1"]:.2f}' if s else f'{np.mean([schedules[x]["top1"] for x in learned]):.2f}'

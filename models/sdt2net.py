@@ -161,9 +161,10 @@ def masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     underflows (a row dominated by masked keys), where e keep / sum e keep is 0 / 0 (the clamped
     sum used before gave NaN gradients in fine-tuning); it also lends each masked key a weight of
     at most eps / N, so the masked forward equals the evaluation forward to about 1e-6."""
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    e = (logits.to(dtype) - logits.to(dtype).amax(dim=-1, keepdim=True)).exp() * keep
-    return ((e + SOFTMAX_EPS / logits.shape[-1]) / (e.sum(dim=-1, keepdim=True) + SOFTMAX_EPS)).to(logits.dtype)
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    e = (wide - wide.amax(dim=-1, keepdim=True)).exp() * keep
+    # NOTE the reciprocal of the [..., 1] sums times the map is cheaper than dividing the map
+    return ((e + SOFTMAX_EPS / logits.shape[-1]) * (e.sum(dim=-1, keepdim=True) + SOFTMAX_EPS).reciprocal()).to(logits.dtype)
 
 
 def attention_pool(pool: AttentionPoolLatent, x: torch.Tensor, size: Optional[torch.Tensor],

@@ -102,16 +102,21 @@ def summarise(runs: Dict[str, Dict[int, str]], name: str, reference: str = '') -
     shared = [s for s in seeds if reference and reference != name and s in runs.get(reference, {})]
     if not shared:
         return summary
-    differences: List[np.ndarray] = []
+    ours, theirs = [], []
     for s in shared:
-        ours, theirs = read_paired_predictions(*(os.path.join(runs[n][s], 'predictions.csv') for n in (name, reference)))
-        summary['per_seed'].append(paired_comparison(ours, theirs, 2000))
-        differences.append(ours.astype(float) - theirs.astype(float))
-    pooled = np.mean(differences, axis=0)  # [N]: per image, over the seeds both rows have
-    low, high = bootstrap_interval(pooled)
-    summary['pooled'] = {'difference': 100 * pooled.mean(), 'ci_low': 100 * low, 'ci_high': 100 * high,
-                         'seeds': shared}
+        a, b = read_paired_predictions(*(os.path.join(runs[n][s], 'predictions.csv') for n in (name, reference)))
+        summary['per_seed'].append(paired_comparison(a, b, 2000))
+        ours.append(a), theirs.append(b)
+    summary['pooled'] = {**seed_averaged_difference(ours, theirs), 'seeds': shared}
     return summary
+
+
+def seed_averaged_difference(ours: List[np.ndarray], theirs: List[np.ndarray]) -> Dict[str, float]:
+    """The per-image difference of the correctness [N] averaged over runs (seeds) A and B, in
+    points, with a 95% bootstrap interval; a single run on one side is compared with every run."""
+    pooled = np.mean([a.astype(float) for a in ours], axis=0) - np.mean([b.astype(float) for b in theirs], axis=0)
+    low, high = bootstrap_interval(pooled)
+    return {'difference': 100 * pooled.mean(), 'ci_low': 100 * low, 'ci_high': 100 * high}
 
 
 def correct_on_split(classify: Callable[[torch.Tensor], torch.Tensor], split_dir: str, class_names: List[str],
